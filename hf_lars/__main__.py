@@ -1,0 +1,5 @@
+import sys
+
+from hf_lars.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The Adam moment update shared by AdamLARS and RangerLARS (per-tensor and foreach forms)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_direction", "init_adam_state", "increment_steps"]
+
+
+def adam_direction(
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grads: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction1: Tensor | None,
+    bias_correction2: Tensor | None,
+    rectified: Tensor | None = None,
+    foreach: bool,
+) -> list[Tensor]:
+    r"""Update the moments in place and return the Adam direction of each piece.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+        r = \frac{m / c_1}{\sqrt{v / c_2} + \epsilon}
+
+    ``bias_correction1/2`` hold :math:`c_1 = 1-\beta_1^t`, :math:`c_2 = 1-\beta_2^t` per piece (``None``:
+    no correction).  ``rectified`` (RAdam) holds 1.0 where the variance is rectified and 0.0 where it is
+    not; there :math:`r = m / c_1` (SGD with momentum).  All scalars are device tensors: no host sync.
+    """
+    if foreach:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        if bias_correction2 is not None:
+            torch._foreach_div_(denom, list(bias_correction2.sqrt().unbind(0)))
+        torch._foreach_add_(denom, eps)
+        if rectified is not None:
+            torch._foreach_mul_(denom, list(rectified.unbind(0)))
+            torch._foreach_add_(denom, list((1 - rectified).unbind(0)))
+        if bias_correction1 is not None:
+            torch._foreach_mul_(denom, list(bias_correction1.unbind(0)))
+        return list(torch._foreach_div(exp_avgs, denom))
+
+    out = []
+    for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads)):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt()
+        if bias_correction2 is not None:
+            denom.div_(bias_correction2[i].sqrt())
+        denom.add_(eps)
+        if rectified is not None:
+            denom.mul_(rectified[i]).add_(1 - rectified[i])
+        if bias_correction1 is not None:
+            denom.mul_(bias_correction1[i])
+        out.append(m / denom)
+    return out
+
+
+def init_adam_state(state: dict, p: Tensor) -> None:
+    """Lazily create torch's Adam state keys: fp32 ``exp_avg``/``exp_avg_sq`` and a tensor ``step``."""
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
+
+def increment_steps(steps: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(steps, 1)
+    else:
+        for s in steps:
+            s.add_(1)

@@ -1,0 +1,183 @@
+"""AdamLARS (LAMB): Adam with a layer-wise trust ratio (You et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_lars.optim._adam import adam_direction, increment_steps, init_adam_state
+from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
+from hf_lars.optim._work import StepTensors, apply_update
+from hf_lars.optim.trust import StepLayout, adam_trust_ratio
+
+__all__ = ["AdamLARS", "adam_lars", "check_betas", "check_trust_bounds"]
+
+
+def check_betas(betas: Any) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas value: {betas!r} (allowed: a pair (beta1, beta2), each in [0, 1))")
+    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0, high_open=True)
+    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, high_open=True)
+
+
+def check_trust_bounds(bounds: Any) -> None:
+    if bounds is None:
+        return
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2
+    ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+    if not ok or not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(f"Invalid trust_bounds value: {bounds!r} (allowed: None or (lo, hi) with 0 < lo <= hi)")
+
+
+class AdamLARS(TrustRatioOptimizer):
+    r"""Adam with a layer-wise trust ratio (LAMB).
+
+    .. math::
+        \begin{aligned}
+        &m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        &\hat m_t = m_t / (1-\beta_1^t), \qquad \hat v_t = v_t / (1-\beta_2^t) \\
+        &u_t = \hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda w_{t-1} \\
+        &\rho_t = \|w_{t-1}\| / \|u_t\| \quad (\rho_t = 1 \text{ if either norm is } 0) \\
+        &w_t = w_{t-1} - \gamma \rho_t u_t
+        \end{aligned}
+
+    with norms per *layer*.  ``trust_clip`` caps :math:`\rho_t` at 1; ``trust_bounds=(lo, hi)`` clamps it.
+    Excluded layers (``exclude_1d`` or ``adapt=False``) take a plain Adam step (:math:`\rho=1, \lambda=0`).
+
+    Reference: Y. You et al., *Large Batch Optimization for Deep Learning: Training BERT in 76 minutes*,
+    arXiv:1904.00962 (2019), Algorithm 2.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        lr: learning rate :math:`\gamma` >= 0.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` >= 0.
+        weight_decay: :math:`\lambda` >= 0 (decoupled, inside the ratio; adapted layers only).
+        bias_correction: divide the moments by :math:`1-\beta^t`.
+        trust_clip: cap the ratio at 1.
+        trust_bounds: ``None`` or ``(lo, hi)`` with ``0 < lo <= hi``.
+        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        trust_clip: bool = False,
+        trust_bounds: tuple[float, float] | None = None,
+        exclude_1d: bool = True,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            trust_clip=trust_clip,
+            trust_bounds=trust_bounds,
+            exclude_1d=exclude_1d,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas(group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_trust_bounds(group["trust_bounds"])
+
+    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
+        layout, adapt = self._step_layout(group_index, stepped)
+        for p in stepped:
+            init_adam_state(self.state[p], p)
+        states = [self.state[p] for p in stepped]
+        foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
+        ratios = adam_lars(
+            stepped,
+            [p.grad for p in stepped],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            layout,
+            adapt,
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"],
+            trust_clip=group["trust_clip"],
+            trust_bounds=group["trust_bounds"],
+            foreach=foreach,
+        )
+        if ratios is not None:
+            self._record_ratios(group_index, *ratios)
+
+
+def adam_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    layout: StepLayout,
+    adapt: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    trust_clip: bool,
+    trust_bounds: tuple[float, float] | None,
+    foreach: bool,
+) -> tuple[list[int], Tensor] | None:
+    """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    work = StepTensors(params, grads, layout)
+    increment_steps(steps, foreach)
+    w = work.pieces(work.weights)
+    bc1 = bc2 = None
+    if bias_correction:
+        t = layout.per_piece(steps)
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    u = adam_direction(
+        work.state_pieces(exp_avgs),
+        work.state_pieces(exp_avg_sqs),
+        work.pieces(work.grads),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        bias_correction1=bc1,
+        bias_correction2=bc2,
+        foreach=foreach,
+    )
+    adapted = layout.select(adapt)
+    plain = layout.select([not a for a in adapt])
+    result = None
+    if len(adapted):
+        w_a, u_a = adapted.take(w), adapted.take(u)
+        if weight_decay != 0:
+            if foreach:
+                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
+            else:
+                for ui, wi in zip(u_a, w_a):
+                    ui.add_(wi, alpha=weight_decay)
+        norms = adapted.norms(w_a, u_a, foreach=foreach)
+        ratio = adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)
+        apply_update(w_a, u_a, ratio * -lr, foreach)
+        result = (adapted.layers, ratio)
+    if len(plain):
+        apply_update(plain.take(w), plain.take(u), -lr, foreach)
+    work.write_back()
+    return result

@@ -1,0 +1,229 @@
+"""RangerLARS: RAdam + Lookahead + Gradient Centralization + a layer-wise trust ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_lars.optim._adam import adam_direction, increment_steps, init_adam_state
+from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
+from hf_lars.optim._work import StepTensors, apply_update
+from hf_lars.optim.adam_lars import check_betas
+from hf_lars.optim.trust import StepLayout, adam_trust_ratio
+
+__all__ = ["RangerLARS", "ranger_lars", "radam_rectification"]
+
+
+class RangerLARS(TrustRatioOptimizer):
+    r"""RAdam + Lookahead + Gradient Centralization, with a layer-wise trust ratio.
+
+    .. math::
+        \begin{aligned}
+        &g_t \leftarrow g_t - \mathrm{mean}_{\text{dims}>0}(g_t) \quad \text{(GC, tensors with ndim > 1)} \\
+        &m_t, v_t, \hat m_t, \hat v_t \text{ as in Adam} \\
+        &\rho_\infty = 2/(1-\beta_2) - 1, \qquad \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
+        &\text{if } \rho_t > \tau:\ r_t = \hat m_t/(\sqrt{\hat v_t}+\epsilon),\
+            s_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+            \qquad \text{else } r_t = \hat m_t,\ s_t = 1 \\
+        &u_t = r_t + \lambda w_{t-1}, \qquad \phi_t = \|w_{t-1}\|/\|u_t\| \\
+        &w_t = w_{t-1} - \gamma\, s_t\, \phi_t\, u_t \\
+        &\text{every } k \text{ steps: } \tilde w \leftarrow \tilde w + \alpha (w_t - \tilde w),\ w_t \leftarrow \tilde w
+            \quad (\tilde w_0 = w_0)
+        \end{aligned}
+
+    The rectification :math:`s_t` multiplies the step *outside* the trust ratio :math:`\phi_t`: any scalar
+    inside :math:`u_t` cancels in :math:`\phi_t u_t`, which would silently delete RAdam's variance warmup.
+
+    References: L. Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond* (RAdam),
+    arXiv:1908.03265; M. Zhang et al., *Lookahead Optimizer: k steps forward, 1 step back*,
+    arXiv:1907.08610; H. Yong et al., *Gradient Centralization*, arXiv:2004.01461; You et al. 2017/2019
+    for the trust ratio.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        lr: learning rate :math:`\gamma` >= 0.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` >= 0.
+        weight_decay: :math:`\lambda` >= 0 (adapted layers only).
+        use_gc: Gradient Centralization for tensors with ndim > 1.
+        k: Lookahead synchronization period (>= 1).
+        alpha: Lookahead slow-weight step in (0, 1].
+        rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
+        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.95, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        use_gc: bool = True,
+        k: int = 6,
+        alpha: float = 0.5,
+        rectify_threshold: float = 5.0,
+        exclude_1d: bool = True,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            use_gc=use_gc,
+            k=k,
+            alpha=alpha,
+            rectify_threshold=rectify_threshold,
+            exclude_1d=exclude_1d,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas(group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        if not isinstance(group["k"], int) or isinstance(group["k"], bool) or group["k"] < 1:
+            raise ValueError(f"Invalid k value: {group['k']!r} (allowed: an integer >= 1)")
+        check_range("alpha", group["alpha"], 0.0, 1.0, low_open=True)
+        check_range("rectify_threshold", group["rectify_threshold"], 4.0, low_open=True)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self.param_groups[-1]["use_gc"]:
+            # Under ZeRO the step sees flat partitions, where rows are cut at arbitrary points: centre each
+            # rank's gradient before reduction instead (GC is linear, so this is exact).  The hooks do
+            # nothing for parameters no sharding engine manages.
+            from hf_lars import sharding
+
+            sharding.install_grad_centralization_hooks(self._layers[-1])
+
+    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
+        layout, adapt = self._step_layout(group_index, stepped)
+        for p in stepped:
+            state = self.state[p]
+            if "slow_buffer" not in state:
+                init_adam_state(state, p)
+                state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
+        states = [self.state[p] for p in stepped]
+        foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
+        ratios = ranger_lars(
+            stepped,
+            [p.grad for p in stepped],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["slow_buffer"] for s in states],
+            [s["step"] for s in states],
+            layout,
+            adapt,
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            use_gc=group["use_gc"],
+            k=group["k"],
+            alpha=group["alpha"],
+            rectify_threshold=group["rectify_threshold"],
+            foreach=foreach,
+        )
+        if ratios is not None:
+            self._record_ratios(group_index, *ratios)
+
+
+def radam_rectification(t: Tensor, beta2: float, threshold: float) -> tuple[Tensor, Tensor]:
+    """RAdam's ``(rectified, s)`` per step count ``t``: ``rectified`` is 1.0 where ``rho_t > threshold``."""
+    rho_inf = 2 / (1 - beta2) - 1
+    beta2_t = beta2**t
+    rho_t = rho_inf - 2 * t * beta2_t / (1 - beta2_t)
+    rectified = (rho_t > threshold).to(t.dtype)
+    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    s = torch.where(rectified > 0, ratio.clamp(min=0).sqrt(), torch.ones_like(ratio))
+    return rectified, s
+
+
+def _centralize(g: Tensor) -> Tensor:
+    return g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
+
+
+def ranger_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    slow_buffers: list[Tensor],
+    steps: list[Tensor],
+    layout: StepLayout,
+    adapt: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    use_gc: bool,
+    k: int,
+    alpha: float,
+    rectify_threshold: float,
+    foreach: bool,
+) -> tuple[list[int], Tensor] | None:
+    """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    work = StepTensors(params, grads, layout)
+    if use_gc:
+        # Only where each local tensor holds whole rows; flat ZeRO partitions were centred before reduction.
+        work.grads = [
+            _centralize(g) if g.ndim > 1 and lay.whole_rows else g for g, lay in zip(work.grads, layout.layouts)
+        ]
+    increment_steps(steps, foreach)
+    w = work.pieces(work.weights)
+    t = layout.per_piece(steps)
+    rectified, s = radam_rectification(t, beta2, rectify_threshold)
+    u = adam_direction(
+        work.state_pieces(exp_avgs),
+        work.state_pieces(exp_avg_sqs),
+        work.pieces(work.grads),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        bias_correction1=1 - beta1**t,
+        bias_correction2=1 - beta2**t,
+        rectified=rectified,
+        foreach=foreach,
+    )
+    scale = s * -lr
+    adapted = layout.select(adapt)
+    plain = layout.select([not a for a in adapt])
+    result = None
+    if len(adapted):
+        w_a, u_a = adapted.take(w), adapted.take(u)
+        if weight_decay != 0:
+            if foreach:
+                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
+            else:
+                for ui, wi in zip(u_a, w_a):
+                    ui.add_(wi, alpha=weight_decay)
+        norms = adapted.norms(w_a, u_a, foreach=foreach)
+        ratio = adam_trust_ratio(norms[0], norms[1])
+        apply_update(w_a, u_a, ratio * adapted.take_vector(scale), foreach)
+        result = (adapted.layers, ratio)
+    if len(plain):
+        apply_update(plain.take(w), plain.take(u), plain.take_vector(scale), foreach)
+    # Lookahead: on steps that are multiples of k, slow += alpha * (w - slow); w = slow.  Written with a
+    # 0/1 weight per piece so no Python branch depends on a device value.
+    sync = (torch.remainder(t, k) == 0).to(t.dtype)
+    slow = work.state_pieces(slow_buffers)
+    if foreach:
+        torch._foreach_lerp_(slow, w, list((sync * alpha).unbind(0)))
+        torch._foreach_lerp_(w, slow, list(sync.unbind(0)))
+    else:
+        for i, (sl, wi) in enumerate(zip(slow, w)):
+            sl.lerp_(wi, sync[i] * alpha)
+            wi.lerp_(sl, sync[i])
+    work.write_back()
+    return result

@@ -1,0 +1,237 @@
+"""The per-layer trust-ratio core shared by :class:`LARS`, :class:`AdamLARS` and :class:`RangerLARS`.
+
+A *layer* is one original model parameter (a weight matrix, a bias); trust ratios are per layer.  The
+optimizer, however, steps whatever tensors it is handed: the layers themselves in plain or DDP training,
+the local shards of DTensors under FSDP2, or flat fp32 partitions holding pieces of many layers under
+DeepSpeed ZeRO.  This module works on *pieces*: contiguous 1-D (or whole-tensor) views that each belong to
+exactly one layer.  A :class:`TensorLayout` says which pieces a stepped tensor holds; :class:`StepLayout`
+gathers the pieces of one ``step()`` call, and :meth:`StepLayout.norms` returns the global per-layer norms
+for every piece with at most one ``all_reduce`` over the data-parallel group.
+
+Nothing here knows about DeepSpeed, FSDP or Trainer: :mod:`hf_lars.sharding` builds the layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Segment",
+    "TensorLayout",
+    "StepLayout",
+    "lars_trust_ratio",
+    "adam_trust_ratio",
+]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``numel`` contiguous elements at ``start`` of a flattened stepped tensor, all from layer ``layer``.
+
+    ``layer`` indexes the *original* parameters of the param group; it is the same on every rank.
+    """
+
+    layer: int
+    start: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one stepped tensor's elements come from.
+
+    Attributes:
+        segments: the pieces of layers this tensor holds, as offsets into the flattened *local* tensor
+            (elements outside every segment, e.g. ZeRO padding, are never read or written).
+        process_group: the group to all-reduce partial sums over (``None``: the tensor holds whole layers).
+        whole_rows: every piece holds whole rows (slices along dim 0) of its layer, so row-wise operations
+            such as Gradient Centralization can run locally on the tensor.
+        dtensor: the stepped tensor is a DTensor whose ``to_local()`` shard is the piece (FSDP2).
+    """
+
+    segments: tuple[Segment, ...]
+    process_group: Any = None
+    whole_rows: bool = True
+    dtensor: bool = False
+
+    @property
+    def whole(self) -> bool:
+        """Exactly one whole, unsharded layer: no collective, the tensor is its own piece."""
+        return self.process_group is None and not self.dtensor and len(self.segments) == 1
+
+    @staticmethod
+    def of_layer(layer: int, tensor: Tensor) -> "TensorLayout":
+        """The trivial layout: ``tensor`` is layer ``layer``, unsharded."""
+        return TensorLayout((Segment(layer, 0, tensor.numel()),))
+
+
+class StepLayout:
+    """The pieces stepped by one ``step()`` call of one param group, and their layers.
+
+    Built from the tensors of the group (parallel lists) and their :class:`TensorLayout`.
+    ``pieces(tensors)`` turns any list of tensors parallel to the stepped ones (weights, gradients, state)
+    into the parallel list of pieces; :meth:`norms` computes global per-layer norms.
+    """
+
+    def __init__(self, layouts: Sequence[TensorLayout], num_layers: int) -> None:
+        self.layouts = list(layouts)
+        self.num_layers = num_layers
+        self.trivial = all(lay.whole for lay in self.layouts)
+        groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}
+        if len(groups) > 1:
+            raise ValueError(
+                "hf_lars: the tensors of one param group are sharded over different process groups; put "
+                "parameters sharded over different meshes into different param groups."
+            )
+        self.process_group = next(iter(groups.values()), None)
+        # piece -> (tensor index, segment)
+        self.piece_tensor: list[int] = []
+        self.piece_layer: list[int] = []
+        self._segments: list[Segment] = []
+        for t_idx, lay in enumerate(self.layouts):
+            for seg in lay.segments:
+                self.piece_tensor.append(t_idx)
+                self.piece_layer.append(seg.layer)
+                self._segments.append(seg)
+        self._subsets: dict[tuple[bool, ...], PieceSubset] = {}
+
+    def per_piece(self, per_tensor: Sequence[Tensor]) -> Tensor:
+        """Stack 0-d per-tensor values (e.g. step counts) into one value per piece."""
+        return torch.stack([per_tensor[t] for t in self.piece_tensor])
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self._segments)
+
+    def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors."""
+        return [t.to_local() if lay.dtensor else t for t, lay in zip(tensors, self.layouts)]
+
+    def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Views of ``tensors`` (parallel to the stepped tensors) cut into the layout's pieces.
+
+        A tensor whose only segment covers all of it is its own piece (keeping its shape); otherwise the
+        pieces are 1-D views into the flattened tensor.
+        """
+        if self.trivial:
+            return list(tensors)
+        out = []
+        for t_idx, seg in zip(self.piece_tensor, self._segments):
+            t = tensors[t_idx]
+            if self.layouts[t_idx].dtensor:
+                t = t.to_local()
+            if seg.start == 0 and seg.numel == t.numel():
+                out.append(t)
+            else:
+                out.append(t.view(-1).narrow(0, seg.start, seg.numel))
+        return out
+
+    def select(self, keep: Sequence[bool]) -> "PieceSubset":
+        """A subset of the pieces (e.g. the adapted ones), keeping their layers for :meth:`norms`."""
+        key = tuple(bool(k) for k in keep)
+        subset = self._subsets.get(key)
+        if subset is None:
+            subset = self._subsets[key] = PieceSubset(self, [i for i, k in enumerate(key) if k])
+        return subset
+
+
+class PieceSubset:
+    """Pieces ``idx`` of a :class:`StepLayout`; computes the global norms of their layers."""
+
+    def __init__(self, layout: StepLayout, idx: list[int]) -> None:
+        self.layout = layout
+        self.idx = idx
+        self.layers = [layout.piece_layer[i] for i in idx]
+        self.tensor_of_piece = [layout.piece_tensor[i] for i in idx]
+        self._layer_index: dict[torch.device, Tensor] = {}
+        self._piece_index: dict[torch.device, Tensor] = {}
+
+    def take(self, pieces: Sequence[Any]) -> list[Any]:
+        """The entries of a per-piece list that belong to this subset."""
+        return [pieces[i] for i in self.idx]
+
+    def take_vector(self, values: Tensor) -> Tensor:
+        """The entries of a 1-D per-piece tensor (over the whole layout) that belong to this subset."""
+        if len(self.idx) == self.layout.num_pieces:
+            return values
+        index = self._piece_index.get(values.device)
+        if index is None:
+            index = self._piece_index[values.device] = torch.tensor(self.idx, dtype=torch.long, device=values.device)
+        return values.index_select(0, index)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def norms(self, *piece_lists: Sequence[Tensor], foreach: bool = True) -> Tensor:
+        """Global L2 norms of the layers of each piece, for each list of pieces: shape ``[len(lists), n]``.
+
+        Each list holds one tensor per piece of this subset.  Norms are accumulated in fp32.  Under
+        sharding, partial sums of squares are summed per layer, all-reduced in *one* collective over the
+        data-parallel group (payload ``len(lists)`` floats per layer), and gathered back to the pieces.
+        No host synchronization.
+        """
+        if foreach:
+            partial = torch.stack([torch.stack(torch._foreach_norm(list(pl), 2, dtype=torch.float32)) for pl in piece_lists])
+        else:
+            partial = torch.stack(
+                [torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in pl]) for pl in piece_lists]
+            )
+        if self.layout.trivial and self.layout.process_group is None:
+            return partial
+        return self._reduce(partial)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        device = partial.device
+        layers = self._layer_index.get(device)
+        if layers is None:  # built once per layout: no host-to-device copy on later steps
+            layers = self._layer_index[device] = torch.tensor(self.layers, dtype=torch.long, device=device)
+        sums = torch.zeros(partial.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
+        sums.index_add_(1, layers, partial.square())
+        group = self.layout.process_group
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        return sums.sqrt().index_select(1, layers)
+
+
+def _safe_ratio(num: Tensor, den: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
+    """``num / den`` where both norms are positive, else 1 (never NaN, never a frozen layer)."""
+    ok = (w_norm > 0) & (other_norm > 0)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num))
+
+
+def lars_trust_ratio(
+    w_norm: Tensor,
+    g_norm: Tensor,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: bool = False,
+) -> Tensor:
+    """LARS (You et al. 2017, Algorithm 1): ``eta * ||w|| / (||g|| + wd * ||w|| + eps)``; 1 if a norm is 0.
+
+    ``trust_clip`` (LARC) caps the ratio at 1 so the effective rate ``lr * ratio`` never exceeds ``lr``.
+    """
+    ratio = _safe_ratio(trust_coefficient * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm)
+    return ratio.clamp(max=1.0) if trust_clip else ratio
+
+
+def adam_trust_ratio(
+    w_norm: Tensor,
+    u_norm: Tensor,
+    trust_clip: bool = False,
+    trust_bounds: tuple[float, float] | None = None,
+) -> Tensor:
+    """LAMB (You et al. 2019): ``||w|| / ||u||``; 1 if a norm is 0; optionally clipped / clamped."""
+    ratio = _safe_ratio(w_norm, u_norm, w_norm, u_norm)
+    if trust_clip:
+        ratio = ratio.clamp(max=1.0)
+    if trust_bounds is not None:
+        ratio = ratio.clamp(min=trust_bounds[0], max=trust_bounds[1])
+    return ratio
