@@ -7,6 +7,29 @@ __version__ = "0.1.0"
 from hf_lars.optim import LARS, AdamLARS, RangerLARS  # noqa: E402
 from hf_lars.registry import build_param_groups, create_optimizer, get_optimizer_info, list_optimizers  # noqa: E402
 
+# Names whose modules import transformers/accelerate: loaded on first use so `import hf_lars` stays light.
+_LAZY = {
+    "register": "hf_lars.integrations",
+    "LarsTrainingArguments": "hf_lars.integrations.transformers",
+    "LarsTrainer": "hf_lars.integrations.transformers",
+    "TrustRatioCallback": "hf_lars.integrations.transformers",
+    "get_warmup_poly_schedule": "hf_lars.schedule",
+    "warmup_poly_factor": "hf_lars.schedule",
+    "scale_lr": "hf_lars.schedule",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_lars' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "__version__",
     "LARS",
@@ -16,4 +39,5 @@ __all__ = [
     "create_optimizer",
     "get_optimizer_info",
     "build_param_groups",
+    *_LAZY,
 ]
