@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adam_direction", "init_adam_state", "increment_steps"]
+__all__ = ["adam_direction", "init_adam_state", "increment_steps", "step_scalars"]
 
 
 def adam_direction(
@@ -19,6 +19,7 @@ def adam_direction(
     bias_correction1: Tensor | None,
     bias_correction2: Tensor | None,
     rectified: Tensor | None = None,
+    scratch: list[Tensor | None] | None = None,
     foreach: bool,
 ) -> list[Tensor]:
     r"""Update the moments in place and return the Adam direction of each piece.
@@ -30,6 +31,10 @@ def adam_direction(
     ``bias_correction1/2`` hold :math:`c_1 = 1-\beta_1^t`, :math:`c_2 = 1-\beta_2^t` per piece (``None``:
     no correction).  ``rectified`` (RAdam) holds 1.0 where the variance is rectified and 0.0 where it is
     not; there :math:`r = m / c_1` (SGD with momentum).  All scalars are device tensors: no host sync.
+
+    ``scratch`` (per-tensor path only): per piece ``None`` or a temporary of the piece's shape and dtype that
+    the caller no longer needs once the moments are updated (e.g. the centralized gradient); the direction
+    is written into it instead of a new allocation.
     """
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -50,7 +55,7 @@ def adam_direction(
     for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads)):
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = v.sqrt()
+        denom = v.sqrt() if scratch is None or scratch[i] is None else torch.sqrt(v, out=scratch[i])
         if bias_correction2 is not None:
             denom.div_(bias_correction2[i].sqrt())
         denom.add_(eps)
@@ -58,7 +63,7 @@ def adam_direction(
             denom.mul_(rectified[i]).add_(1 - rectified[i])
         if bias_correction1 is not None:
             denom.mul_(bias_correction1[i])
-        out.append(m / denom)
+        out.append(torch.div(m, denom, out=denom))  # into denom: one temporary per piece, not two
     return out
 
 
@@ -76,3 +81,13 @@ def increment_steps(steps: list[Tensor], foreach: bool) -> None:
     else:
         for s in steps:
             s.add_(1)
+
+
+def step_scalars(t: Tensor) -> Tensor:
+    """Step counts in float64 for the per-step scalars (``1 - beta**t``, RAdam's ``rho_t``); MPS: float32.
+
+    Both lose digits to cancellation in float32: ``1 - 0.999**t`` carries ~1e-5 relative error and ``rho_t``
+    ~0.04 absolute for ``beta2 = 0.999`` (0.2 for 0.9995, which flips RAdam's rectification threshold at
+    t = 5).  Computed on the device, so still no host sync; callers cast the results back to float32.
+    """
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)

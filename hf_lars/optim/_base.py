@@ -63,7 +63,7 @@ class TrustRatioOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._layers: list[list[Tensor]] = []
-        self._layout_cache: dict[int, tuple[tuple[int, ...], list[Tensor], StepLayout, list[bool]]] = {}
+        self._layout_cache: dict[tuple[int, tuple[int, ...]], tuple[list[Tensor], StepLayout, list[bool]]] = {}
         self._last_ratios: dict[int, tuple[list[str], Tensor]] = {}
         defaults = {**defaults, "adapt": None}
         self._validate_group(defaults)
@@ -124,16 +124,16 @@ class TrustRatioOptimizer(Optimizer):
         Built once per set of stepped tensors and cached (ZeRO-3 steps several sub-group tensors in turn,
         so the cache holds one entry per tensor set it has seen).
         """
-        key = tuple(id(t) for t in stepped)
-        cached = self._layout_cache.get(hash((group_index, key)))
-        if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], stepped)):
-            return cached[2], cached[3]
+        key = (group_index, tuple(id(t) for t in stepped))
+        cached = self._layout_cache.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], stepped)):  # ids can be reused
+            return cached[1], cached[2]
         layers = self._layers[group_index]
         layouts, shapes = _resolve_layouts(stepped, layers, self.param_groups[group_index]["params"])
         layout = StepLayout(layouts, num_layers=len(layers))
         group = self.param_groups[group_index]
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
-        self._layout_cache[hash((group_index, key))] = (key, list(stepped), layout, adapt_piece)
+        self._layout_cache[key] = (list(stepped), layout, adapt_piece)
         return layout, adapt_piece
 
     @staticmethod
@@ -147,6 +147,14 @@ class TrustRatioOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # torch casts floating-point state to each parameter's dtype (bf16 moments for bf16 parameters, which
+        # then fail to step); ours is always fp32, so take the saved tensors again, on the parameter's device.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
         self._invalidate_layouts()
 
     # ----------------------------------------------------------------------------------------- step

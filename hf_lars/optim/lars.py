@@ -164,6 +164,15 @@ def _single_tensor_lars(
         rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
     for i, (w, g, buf) in enumerate(zip(ws, gs, bufs)):
         d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+        if buf is not None and not nesterov:
+            # buf = momentum * buf + rho * d without materialising rho * d (one pass and one temporary fewer)
+            buf.mul_(momentum)
+            if rho is None:
+                buf.add_(d)
+            else:
+                buf.addcmul_(d, rho[i])
+            w.add_(buf, alpha=-lr)
+            continue
         if rho is not None:
             d = d * rho[i]
         if buf is None:

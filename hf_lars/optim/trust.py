@@ -123,7 +123,7 @@ class StepLayout:
         out = []
         for t_idx, seg in zip(self.piece_tensor, self._segments):
             t = tensors[t_idx]
-            if self.layouts[t_idx].dtensor:
+            if self.layouts[t_idx].dtensor and hasattr(t, "to_local"):  # DTensor, not already its local shard
                 t = t.to_local()
             if seg.start == 0 and seg.numel == t.numel():
                 out.append(t)
@@ -174,7 +174,14 @@ class PieceSubset:
         sharding, partial sums of squares are summed per layer, all-reduced in *one* collective over the
         data-parallel group (payload ``len(lists)`` floats per layer), and gathered back to the pieces.
         No host synchronization.
+
+        A rank may hold no piece of this subset (e.g. its ZeRO partition holds only excluded 1-D layers)
+        while other ranks do: it must still call ``norms`` with the same number of (empty) lists, so that
+        it joins the collective; it then gets a ``[len(lists), 0]`` result.
         """
+        if not self.idx:
+            partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=_collective_device(self.layout))
+            return partial if self.layout.process_group is None else self._reduce(partial)
         if foreach:
             partial = torch.stack([torch.stack(torch._foreach_norm(list(pl), 2, dtype=torch.float32)) for pl in piece_lists])
         else:
@@ -198,6 +205,17 @@ class PieceSubset:
 
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         return sums.sqrt().index_select(1, layers)
+
+
+def _collective_device(layout: StepLayout) -> torch.device:
+    """Where to put the (empty) partial sums of a rank that holds no piece: the process group's device."""
+    group = layout.process_group
+    if group is not None:
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _safe_ratio(num: Tensor, den: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
