@@ -32,23 +32,24 @@ def adam_direction(
     no correction).  ``rectified`` (RAdam) holds 1.0 where the variance is rectified and 0.0 where it is
     not; there :math:`r = m / c_1` (SGD with momentum).  All scalars are device tensors: no host sync.
 
+    The denominator is computed as ``sqrt(v) * a + b`` (two passes, not up to five), with per-piece scalars
+    :math:`a = c_1/\sqrt{c_2}`, :math:`b = c_1 \epsilon` (unrectified pieces: :math:`a = 0`, :math:`b = c_1`).
+
     ``scratch`` (per-tensor path only): per piece ``None`` or a temporary of the piece's shape and dtype that
     the caller no longer needs once the moments are updated (e.g. the centralized gradient); the direction
     is written into it instead of a new allocation.
     """
+    scale, shift = _denominator_scalars(len(exp_avgs), eps, bias_correction1, bias_correction2, rectified)
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        if bias_correction2 is not None:
-            torch._foreach_div_(denom, list(bias_correction2.sqrt().unbind(0)))
-        torch._foreach_add_(denom, eps)
-        if rectified is not None:
-            torch._foreach_mul_(denom, list(rectified.unbind(0)))
-            torch._foreach_add_(denom, list((1 - rectified).unbind(0)))
-        if bias_correction1 is not None:
-            torch._foreach_mul_(denom, list(bias_correction1.unbind(0)))
+        if scale is None:
+            torch._foreach_add_(denom, eps)
+        else:
+            torch._foreach_mul_(denom, list(scale.unbind(0)))
+            torch._foreach_add_(denom, list(shift.unbind(0)))
         return list(torch._foreach_div(exp_avgs, denom))
 
     out = []
@@ -56,15 +57,30 @@ def adam_direction(
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = v.sqrt() if scratch is None or scratch[i] is None else torch.sqrt(v, out=scratch[i])
-        if bias_correction2 is not None:
-            denom.div_(bias_correction2[i].sqrt())
-        denom.add_(eps)
-        if rectified is not None:
-            denom.mul_(rectified[i]).add_(1 - rectified[i])
-        if bias_correction1 is not None:
-            denom.mul_(bias_correction1[i])
+        if scale is None:
+            denom.add_(eps)
+        else:
+            denom.mul_(scale[i]).add_(shift[i])
         out.append(torch.div(m, denom, out=denom))  # into denom: one temporary per piece, not two
     return out
+
+
+def _denominator_scalars(
+    n: int, eps: float, bc1: Tensor | None, bc2: Tensor | None, rectified: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-piece ``(a, b)`` with denominator ``sqrt(v) * a + b`` (see :func:`adam_direction`); ``(None,
+    None)`` when it is ``sqrt(v) + eps``.  Vectors of ``n`` fp32 values, computed once per step."""
+    given = [x for x in (bc1, bc2, rectified) if x is not None]
+    if not given:
+        return None, None
+    one = torch.ones(n, dtype=torch.float32, device=given[0].device)
+    c1 = one if bc1 is None else bc1
+    scale = c1 if bc2 is None else c1 / bc2.sqrt()
+    shift = c1 * eps
+    if rectified is not None:
+        scale = scale * rectified
+        shift = shift * rectified + c1 * (1 - rectified)
+    return scale, shift
 
 
 def init_adam_state(state: dict, p: Tensor) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_lars.optim.trust import StepLayout, TensorLayout
+from hf_lars.optim.trust import NORMS_PER_LAYER, StepLayout, TensorLayout
 
 __all__ = ["TrustRatioOptimizer", "check_range", "default_foreach"]
 
@@ -63,7 +63,10 @@ class TrustRatioOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._layers: list[list[Tensor]] = []
-        self._layout_cache: dict[tuple[int, tuple[int, ...]], tuple[list[Tensor], StepLayout, list[bool]]] = {}
+        # id(group dict) -> index into _layers.  DeepSpeed ZeRO-1/2 step one group at a time by setting
+        # ``optimizer.param_groups = [group]``, so a position in param_groups is not the group's index.
+        self._group_index: dict[int, int] = {}
+        self._layout_cache: dict[tuple[int, tuple[int, ...]], tuple[list[Tensor], StepLayout, list[bool], bool]] = {}
         self._last_ratios: dict[int, tuple[list[str], Tensor]] = {}
         defaults = {**defaults, "adapt": None}
         self._validate_group(defaults)
@@ -90,6 +93,7 @@ class TrustRatioOptimizer(Optimizer):
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
         self._layers.append(list(group["params"]))
+        self._group_index[id(group)] = len(self._layers) - 1
 
     # ------------------------------------------------------------------------------------ trust ratios
     @torch.no_grad()
@@ -105,36 +109,39 @@ class TrustRatioOptimizer(Optimizer):
             out.update(zip(names, ratios.unbind(0)))
         return out
 
-    def _layer_names(self, group_index: int) -> list[str]:
-        group = self.param_groups[group_index]
+    def _layer_names(self, group: dict[str, Any], group_index: int) -> list[str]:
         names = group.get("param_names")
         if names is not None and len(names) == len(self._layers[group_index]):
             return list(names)
         offset = sum(len(layers) for layers in self._layers[:group_index])
         return [str(offset + i) for i in range(len(self._layers[group_index]))]
 
-    def _record_ratios(self, group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
-        names = self._layer_names(group_index)
+    def _record_ratios(self, group: dict[str, Any], group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
+        names = self._layer_names(group, group_index)
         self._last_ratios[group_index] = ([names[i] for i in layers], ratios.detach())
 
     # -------------------------------------------------------------------------------------- layouts
-    def _step_layout(self, group_index: int, stepped: list[Tensor]) -> tuple[StepLayout, list[bool]]:
-        """The layout of this step's tensors, and for each of its pieces whether it is adapted.
+    def _step_layout(
+        self, group: dict[str, Any], group_index: int, stepped: list[Tensor]
+    ) -> tuple[StepLayout, list[bool], bool]:
+        """The layout of this step's tensors, whether each piece is adapted, and whether to join a collective.
 
-        Built once per set of stepped tensors and cached (ZeRO-3 steps several sub-group tensors in turn,
-        so the cache holds one entry per tensor set it has seen).
+        The last item is true when the norms are reduced over a process group and the group has adapted
+        layers: then every rank must take part in the all-reduce, even one that holds no adapted piece (its
+        partition may hold only 1-D layers or padding).  Built once per set of stepped tensors and cached
+        (ZeRO-3 steps several sub-group tensors in turn, so the cache holds one entry per tensor set).
         """
         key = (group_index, tuple(id(t) for t in stepped))
         cached = self._layout_cache.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], stepped)):  # ids can be reused
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         layers = self._layers[group_index]
-        layouts, shapes = _resolve_layouts(stepped, layers, self.param_groups[group_index]["params"])
+        layouts, shapes = _resolve_layouts(stepped, layers, group["params"])
         layout = StepLayout(layouts, num_layers=len(layers))
-        group = self.param_groups[group_index]
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
-        self._layout_cache[key] = (list(stepped), layout, adapt_piece)
-        return layout, adapt_piece
+        join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
+        self._layout_cache[key] = (list(stepped), layout, adapt_piece, join)
+        return layout, adapt_piece, join
 
     @staticmethod
     def _adapt(group: dict[str, Any], shape: torch.Size) -> bool:
@@ -147,6 +154,7 @@ class TrustRatioOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._group_index = {id(group): i for i, group in enumerate(self.param_groups)}  # torch made new dicts
         # torch casts floating-point state to each parameter's dtype (bf16 moments for bf16 parameters, which
         # then fail to step); ours is always fp32, so take the saved tensors again, on the parameter's device.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -158,7 +166,14 @@ class TrustRatioOptimizer(Optimizer):
         self._invalidate_layouts()
 
     # ----------------------------------------------------------------------------------------- step
-    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        group_index: int,
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+    ) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     @torch.no_grad()
@@ -172,7 +187,8 @@ class TrustRatioOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group_index, group in enumerate(self.param_groups):
+        for position, group in enumerate(self.param_groups):
+            group_index = self._group_index.get(id(group), position)
             stepped = []
             for p in group["params"]:
                 if p.grad is None:
@@ -183,8 +199,14 @@ class TrustRatioOptimizer(Optimizer):
                         "(nn.Embedding(sparse=False)) or a sparse-aware optimizer such as torch.optim.SparseAdam"
                     )
                 stepped.append(p)
-            if stepped:
-                self._step_group(group, group_index, stepped)
+            if not stepped:
+                continue
+            layout, adapt, join = self._step_layout(group, group_index, stepped)
+            if join and not any(adapt):
+                # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
+                layout.select(adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
+            if layout.num_pieces:
+                self._step_group(group, group_index, stepped, layout, adapt)
         return loss
 
 

@@ -13,6 +13,7 @@ __all__ = ["StepTensors", "apply_update"]
 
 
 def _fp32(t: Tensor) -> Tensor:
+    """Non-fp32 tensors (bf16, fp16, and fp64 too: DESIGN keeps all update math in fp32) as fp32 copies."""
     return t if t.dtype == torch.float32 else t.float()
 
 

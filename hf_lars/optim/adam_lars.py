@@ -96,8 +96,9 @@ class AdamLARS(TrustRatioOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_trust_bounds(group["trust_bounds"])
 
-    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
-        layout, adapt = self._step_layout(group_index, stepped)
+    def _step_group(
+        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
+    ) -> None:
         for p in stepped:
             init_adam_state(self.state[p], p)
         states = [self.state[p] for p in stepped]
@@ -121,7 +122,7 @@ class AdamLARS(TrustRatioOptimizer):
             foreach=foreach,
         )
         if ratios is not None:
-            self._record_ratios(group_index, *ratios)
+            self._record_ratios(group, group_index, *ratios)
 
 
 def adam_lars(

@@ -83,8 +83,9 @@ class LARS(TrustRatioOptimizer):
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
-    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
-        layout, adapt = self._step_layout(group_index, stepped)
+    def _step_group(
+        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
+    ) -> None:
         bufs: list[Tensor | None] = []
         for p in stepped:
             state = self.state[p]
@@ -108,7 +109,7 @@ class LARS(TrustRatioOptimizer):
             foreach=foreach,
         )
         if ratios is not None:
-            self._record_ratios(group_index, *ratios)
+            self._record_ratios(group, group_index, *ratios)
 
 
 def lars(

@@ -104,8 +104,9 @@ class RangerLARS(TrustRatioOptimizer):
 
             sharding.install_grad_centralization_hooks(self._layers[-1])
 
-    def _step_group(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> None:
-        layout, adapt = self._step_layout(group_index, stepped)
+    def _step_group(
+        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
+    ) -> None:
         for p in stepped:
             state = self.state[p]
             if "slow_buffer" not in state:
@@ -134,7 +135,7 @@ class RangerLARS(TrustRatioOptimizer):
             foreach=foreach,
         )
         if ratios is not None:
-            self._record_ratios(group_index, *ratios)
+            self._record_ratios(group, group_index, *ratios)
 
 
 def radam_rectification(t: Tensor, beta2: float, threshold: float) -> tuple[Tensor, Tensor]:

@@ -21,12 +21,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NORMS_PER_LAYER",
     "Segment",
     "TensorLayout",
     "StepLayout",
     "lars_trust_ratio",
     "adam_trust_ratio",
 ]
+
+
+# Every rule reduces two norms per layer (the weights and the gradient or update): the all-reduce payload.
+NORMS_PER_LAYER = 2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,296 @@
+"""DeepSpeed: optimizer names in DeepSpeed JSON, config checks, and CPU launches.
+
+* :func:`register` makes ``"optimizer": {"type": "LARS" | "AdamLARS" | "RangerLARS" | ..., "params": {...}}``
+  work wherever DeepSpeed builds the optimizer from its config: raw ``deepspeed.initialize``, Trainer's
+  ``--deepspeed`` and Accelerate's ``DummyOptim``.
+* :func:`check_config` finds settings that would lose or break an hf_lars optimizer (ZeRO-Offload silently
+  swapping it for ``DeepSpeedCPUAdam``, a missing ``zero_allow_untested_optimizer``, an unknown or
+  misspelt ``"type"``, parameters the optimizer does not take) and says how to fix each.
+* :func:`cpu_distributed_state` sets up Accelerate's state for CPU runs (gloo) under DeepSpeed.
+
+How DeepSpeed 0.19 resolves ``"type"`` (``deepspeed/runtime/engine.py``): names of its own optimizers
+(``adam``, ``adamw``, ``lamb``, ``lion``, ...; matched case-insensitively in ``runtime/config.py``) build
+DeepSpeed's kernels; any other name is looked up as ``getattr(torch.optim, type)`` (validated by
+``_is_supported_optimizer``, built in ``_configure_basic_optimizer``'s last branch).  :func:`register`
+therefore adds one factory per spelling of each hf_lars name to the ``torch.optim`` namespace: no
+DeepSpeed code is patched, existing ``torch.optim`` names are never replaced, and calling it again changes
+nothing.  ``"lamb"`` stays DeepSpeed's ``FusedLamb`` (DeepSpeed claims the name first); write
+``"AdamLARS"`` for hf_lars's LAMB.
+
+This module imports DeepSpeed only inside :func:`check_config`'s optional checks, never at import time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "register",
+    "unregister",
+    "registered_names",
+    "check_config",
+    "cpu_distributed_state",
+    "DEEPSPEED_OWN_OPTIMIZERS",
+]
+
+logger = logging.getLogger(__name__)
+
+# DeepSpeed's own optimizer names (deepspeed/runtime/config.py: DEEPSPEED_OPTIMIZERS, 0.19); a config
+# "type" matching one of them case-insensitively never reaches torch.optim.
+DEEPSPEED_OWN_OPTIMIZERS: tuple[str, ...] = (
+    "adagrad",
+    "adam",
+    "adamw",
+    "lamb",
+    "muadam",
+    "muadamw",
+    "musgd",
+    "lion",
+    "muon",
+)
+
+_MARK = "_hf_lars_deepspeed_factory"
+
+
+class _Factory:
+    """``torch.optim.<spelling>(params, **kwargs)`` -> ``hf_lars.create_optimizer(params, name, **kwargs)``."""
+
+    def __init__(self, name: str, spelling: str) -> None:
+        self.name = name
+        self.__name__ = self.__qualname__ = spelling
+        self.__doc__ = f"hf_lars optimizer {name!r}, registered for DeepSpeed JSON by hf_lars.integrations.deepspeed."
+        setattr(self, _MARK, True)
+
+    def __call__(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        from hf_lars.registry import create_optimizer
+
+        return create_optimizer(params, self.name, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<hf_lars optimizer factory {self.__name__!r} -> {self.name!r}>"
+
+
+def _spellings(name: str, ds_type: str | None) -> list[str]:
+    """The spellings registered for a registry name: snake, joined, upper, Title and DeepSpeed style."""
+    words = name.split("_")
+    out = [name, "".join(words), name.upper(), "".join(words).upper(), "".join(w.title() for w in words)]
+    if ds_type:
+        out += [ds_type, ds_type.lower(), ds_type.upper()]
+    seen: dict[str, None] = {}
+    for s in out:
+        if s.lower() not in DEEPSPEED_OWN_OPTIMIZERS:  # DeepSpeed would never look these up
+            seen.setdefault(s, None)
+    return list(seen)
+
+
+def _registry() -> list[Any]:
+    from hf_lars.registry import get_optimizer_info, list_optimizers
+
+    return [get_optimizer_info(n) for n in list_optimizers()]
+
+
+def registered_names() -> dict[str, str]:
+    """``{DeepSpeed "type" spelling: hf_lars registry name}`` for every spelling :func:`register` adds."""
+    out: dict[str, str] = {}
+    for info in _registry():
+        for spelling in _spellings(info.name, getattr(info, "ds_type", None)):
+            out.setdefault(spelling, info.name)
+    return out
+
+
+def register() -> tuple[str, ...]:
+    """Make every hf_lars optimizer name usable as DeepSpeed's ``"optimizer": {"type": ...}``.
+
+    Adds a factory per spelling to the ``torch.optim`` namespace (see the module docstring).  Idempotent;
+    never replaces an attribute ``torch.optim`` already has (a clash is logged and skipped).
+
+    Returns:
+        The spellings now registered.
+    """
+    done = []
+    for spelling, name in registered_names().items():
+        current = getattr(torch.optim, spelling, None)
+        if current is not None and not getattr(current, _MARK, False):
+            logger.warning("hf_lars: torch.optim.%s already exists; not registering %r under that name", spelling, name)
+            continue
+        if current is None or getattr(current, "name", None) != name:
+            setattr(torch.optim, spelling, _Factory(name, spelling))
+        done.append(spelling)
+    return tuple(done)
+
+
+def unregister() -> None:
+    """Remove what :func:`register` added to ``torch.optim`` (nothing else)."""
+    for spelling in list(vars(torch.optim)):
+        if getattr(getattr(torch.optim, spelling), _MARK, False):
+            delattr(torch.optim, spelling)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _load(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"hf_lars: {path} is not valid JSON: {err}") from err
+
+
+def _valid_type_names() -> list[str]:
+    """One DeepSpeed spelling per registry name (names DeepSpeed keeps for itself, i.e. "lamb", excluded)."""
+    names = [getattr(info, "ds_type", None) or info.name for info in _registry()]
+    return [n for n in names if n.lower() not in DEEPSPEED_OWN_OPTIMIZERS]
+
+
+def _is_ours(opt_type: str) -> bool:
+    from hf_lars.registry import get_optimizer_info
+
+    if opt_type.lower() in DEEPSPEED_OWN_OPTIMIZERS:
+        return False
+    try:
+        get_optimizer_info(opt_type)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_type(opt_type: str, params: Mapping[str, Any]) -> list[str]:
+    """Problems with ``"optimizer": {"type": opt_type, "params": params}`` (empty: fine)."""
+    from hf_lars.registry import get_optimizer_info
+
+    problems: list[str] = []
+    if opt_type.lower() in DEEPSPEED_OWN_OPTIMIZERS:
+        if opt_type.lower() == "lamb":
+            logger.warning(
+                'hf_lars: "type": "%s" is DeepSpeed\'s own FusedLamb (CUDA only; under ZeRO its trust ratio is '
+                'computed per flat partition, not per layer).  For hf_lars\'s exact LAMB write "type": "AdamLARS".',
+                opt_type,
+            )
+        return problems
+    try:
+        info = get_optimizer_info(opt_type)
+    except ValueError:
+        info = None
+    if info is None:
+        if getattr(torch.optim, opt_type, None) is not None:
+            return problems  # a torch.optim optimizer
+        valid = _valid_type_names()
+        close = difflib.get_close_matches(opt_type, valid + [n for n in dir(torch.optim) if n[:1].isupper()], n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        problems.append(
+            f'"optimizer.type" is {opt_type!r}, which is neither an hf_lars optimizer, a torch.optim optimizer nor '
+            f"one of DeepSpeed's ({', '.join(DEEPSPEED_OWN_OPTIMIZERS)}).{hint}  hf_lars names: {', '.join(valid)}."
+        )
+        return problems
+    factory = getattr(torch.optim, opt_type, None)
+    if factory is None or not getattr(factory, _MARK, False):
+        if opt_type in registered_names():
+            problems.append(
+                f'"optimizer.type" is {opt_type!r} (hf_lars {info.name!r}) but DeepSpeed cannot find it: call '
+                "hf_lars.integrations.deepspeed.register() (or hf_lars.integrations.register()) in every process "
+                "before deepspeed.initialize / Trainer / Accelerator.prepare."
+            )
+        else:
+            spelling = info.ds_type or info.name
+            spellings = ", ".join(s for s, n in registered_names().items() if n == info.name)
+            problems.append(
+                f'"optimizer.type" is {opt_type!r}: DeepSpeed matches names exactly; write "{spelling}" for hf_lars '
+                f"{info.name!r} (registered spellings: {spellings})."
+            )
+    problems += _check_params(info, params)
+    return problems
+
+
+def _check_params(info: Any, params: Mapping[str, Any]) -> list[str]:
+    import inspect
+
+    accepted = {
+        name
+        for name, p in inspect.signature(info.cls.__init__).parameters.items()
+        if name not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(params) - accepted)
+    if not unknown:
+        return []
+    return [
+        f'"optimizer.params" has {unknown} which {info.cls.__name__} does not take (Trainer fills "auto" only '
+        f"for keys that are present: remove them).  {info.cls.__name__} takes: {', '.join(sorted(accepted))}."
+    ]
+
+
+def check_config(config: Mapping[str, Any] | str | Path, *, client_optimizer: bool | None = None) -> None:
+    """Check a DeepSpeed config for settings that would lose or break an hf_lars optimizer.
+
+    Args:
+        config: the config dict or the path of its JSON file ("auto" values are fine).
+        client_optimizer: whether the optimizer is built outside DeepSpeed (Trainer ``--optim``,
+            ``accelerator.prepare(model, optimizer)``, ``deepspeed.initialize(optimizer=...)``).  Default:
+            ``True`` when the config has no ``"optimizer"`` section.
+
+    Raises:
+        ValueError: listing every problem found and its fix.  In particular ZeRO-Offload without
+            ``"zero_force_ds_cpu_optimizer": false``: DeepSpeed then refuses a client optimizer
+            (``ZeRORuntimeException``), and Accelerate (hence Trainer) *silently replaces* it with
+            ``DeepSpeedCPUAdam`` before DeepSpeed sees it (``accelerate/accelerator.py``,
+            ``map_pytorch_optim_to_deepspeed``), so training would run Adam, not hf_lars.
+    """
+    cfg = _load(config)
+    problems: list[str] = []
+    section = cfg.get("optimizer")
+    if client_optimizer is None:
+        client_optimizer = not section
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    offload = "none" if offload in (None, "auto") else str(offload)
+
+    if client_optimizer and offload != "none" and cfg.get("zero_force_ds_cpu_optimizer", True) is not False:
+        problems.append(
+            f'ZeRO-Offload ("offload_optimizer.device": "{offload}") with an optimizer built outside DeepSpeed: '
+            "Accelerate and Trainer silently swap it for DeepSpeedCPUAdam, raw DeepSpeed refuses it.  Fix: add "
+            '"zero_force_ds_cpu_optimizer": false at the top level of the config.'
+        )
+    if section:
+        opt_type = section.get("type")
+        if not isinstance(opt_type, str) or not opt_type:
+            problems.append('"optimizer" needs a "type" (e.g. "LARS", "AdamLARS", "RangerLARS").')
+        else:
+            problems += _check_type(opt_type, section.get("params") or {})
+            if _is_ours(opt_type) and stage not in (0, None) and cfg.get("zero_allow_untested_optimizer") is not True:
+                problems.append(
+                    f'ZeRO stage {stage} with "optimizer.type" {opt_type!r}: DeepSpeed asserts unless the config '
+                    'has "zero_allow_untested_optimizer": true (Trainer and Accelerate add it only for optimizers '
+                    "they build themselves).  Fix: add it at the top level."
+                )
+    if problems:
+        raise ValueError("hf_lars: this DeepSpeed config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------- CPU
+
+
+def cpu_distributed_state(backend: str = "gloo") -> Any:
+    """Create Accelerate's process state over ``backend`` (gloo) for CPU runs under DeepSpeed.
+
+    Without it, on CPU, Accelerate and Trainer treat a DeepSpeed launch as a single process (each rank
+    thinks it is alone: wrong batch sizes, every rank saving).  Call it first thing in every process of a
+    ``torchrun`` / ``deepspeed`` / ``accelerate launch`` CPU run; with Trainer also pass
+    ``TrainingArguments(..., accelerator_config={"use_configured_state": True})`` so Trainer keeps this
+    state instead of building its own.  GPU runs do not need it.
+
+    Returns:
+        The ``accelerate.PartialState``.
+    """
+    from accelerate import PartialState
+
+    return PartialState(backend=backend)

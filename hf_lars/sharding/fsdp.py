@@ -1,0 +1,57 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) and other DTensor parameters.
+
+The optimizer steps DTensors; the local shard (``to_local()``) is one piece of its layer.  ``Shard(0)``
+(what FSDP2 uses) holds whole rows, so row-wise operations such as Gradient Centralization can run on it
+locally; partial norms are all-reduced over the sharded mesh dimension's process group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hf_lars.optim.trust import Segment, TensorLayout
+
+__all__ = ["is_dtensor", "dtensor_layout"]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def dtensor_layout(t: Tensor, layer: int) -> TensorLayout:
+    """The layout of a DTensor parameter that is layer ``layer``.
+
+    Raises:
+        ValueError: the DTensor is ``Partial`` or sharded over more than one mesh dimension (FSDP2 combined
+            with tensor parallelism), which needs a norm reduced over several groups (not supported yet).
+    """
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    placements = tuple(t.placements)
+    mesh = t.device_mesh
+    if any(p.is_partial() for p in placements):
+        raise ValueError(
+            f"hf_lars: a DTensor parameter of shape {tuple(t.shape)} has a Partial placement {placements}; "
+            "optimizer parameters must be Shard or Replicate (redistribute them before stepping)."
+        )
+    sharded = [(dim, p) for dim, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard))]
+    local_numel = t.to_local().numel()
+    segments = (Segment(layer, 0, local_numel),)
+    if not sharded:  # replicated everywhere: the local tensor is the whole layer
+        return TensorLayout(segments, process_group=None, whole_rows=True, dtensor=True)
+    if len(sharded) > 1:
+        raise ValueError(
+            f"hf_lars: a DTensor parameter of shape {tuple(t.shape)} is sharded over {len(sharded)} mesh "
+            f"dimensions {placements} (e.g. FSDP2 + tensor parallel); per-layer norms over several process "
+            "groups are not supported yet.  Use FSDP2 (or HSDP: Replicate + Shard(0)) alone for the layers "
+            "this optimizer adapts."
+        )
+    mesh_dim, placement = sharded[0]
+    group = mesh.get_group(mesh_dim=mesh_dim)
+    return TensorLayout(segments, process_group=group, whole_rows=placement.dim == 0, dtensor=True)

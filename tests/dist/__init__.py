@@ -1,0 +1,1 @@
+"""Scripts run under torchrun by the distributed tests, and the launcher they share (``launch.py``)."""

@@ -1,0 +1,297 @@
+"""Sharded training equals unsharded training: every optimizer under one engine, in one launch.
+
+For each (optimizer, model) case: train ``STEPS`` steps under the engine on 2 ranks (each rank gets half of
+the global batch), and the same steps in one process on the whole global batch without sharding; record
+the relative error of every layer's final weights.  Also record, for every ``step()`` call the engine
+makes, the ``torch.distributed.all_reduce`` calls made inside it and their payload, and run a negative
+control where :func:`hf_lars.sharding.tensor_layouts` is replaced by the naive layout every other LAMB
+uses (each flat partition / local shard is one layer, norms are local).
+
+Usage: torchrun --nproc_per_node 2 tests/dist/exact.py --engine zero2 [--bf16] --out result.json
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import _common as C
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import hf_lars.sharding
+from hf_lars import LARS, AdamLARS, RangerLARS
+from hf_lars.optim.trust import Segment, TensorLayout
+from hf_lars.sharding.fsdp import is_dtensor
+
+STEPS = 6
+# Per-case limits: the first DeepSpeed case may JIT-build DeepSpeed's shared-memory op (~30 s to 2 min).
+CASE_LIMIT_S = 60.0
+FIRST_CASE_LIMIT_S = 600.0
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    # Large enough steps that a wrong norm shows: LARS moves each layer by ~lr*eta*||w|| = 2% per step.
+    "lars": (LARS, {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-2, "trust_coefficient": 0.02}),
+    "adam_lars": (AdamLARS, {"lr": 1e-2, "weight_decay": 1e-2}),
+    # k=3: the Lookahead synchronisation happens twice within STEPS.
+    "ranger_lars": (RangerLARS, {"lr": 1e-2, "weight_decay": 1e-2, "use_gc": True, "k": 3}),
+}
+
+# (model, split into Trainer-style decay / no-decay groups?)
+MODELS: dict[str, tuple[str, bool]] = {
+    "groups": ("scaled", True),  # matrices / 1-D layers / a one-element group that lives on rank 0 only
+    "mixed": ("wide", False),  # one group: 1-D layers, a zero-initialised matrix, a rank with only 1-D pieces
+    "single": ("net", False),  # one group, every rank holds adapted pieces (used by the multi-node test)
+}
+
+
+def naive_tensor_layouts(stepped: list[Tensor], layers: list[Tensor], group_params: Any = None) -> list[TensorLayout]:
+    """The negative control: each flat partition (or local shard) is treated as one layer, norms are local."""
+    out = []
+    index = {id(p): j for j, p in enumerate(layers)}
+    positions = {id(p): k for k, p in enumerate(group_params or [])}
+    for t in stepped:
+        if is_dtensor(t):
+            j = index.get(id(t), positions.get(id(t), 0))
+            out.append(TensorLayout((Segment(j, 0, t.to_local().numel()),), whole_rows=True, dtensor=True))
+        else:
+            out.append(TensorLayout.of_layer(0, t))
+    return out
+
+
+class StepCounter:
+    """Wraps ``optimizer.step`` (the instance attribute the engine calls) to count all-reduces inside it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.layers_per_group = {id(g): len(g["params"]) for g in optimizer.param_groups}
+        self.records: list[dict[str, int]] = []
+        self._step = optimizer.step
+        optimizer.step = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        groups = [g for g in self.optimizer.param_groups if any(p.grad is not None for p in g["params"])]
+        with C.count_all_reduce() as calls:
+            out = self._step(*args, **kwargs)
+        self.records.append(
+            {
+                "calls": len(calls),
+                "groups": len(groups),
+                "adapted_groups": sum(self._has_adapted_layer(g) for g in groups),
+                "payload": max(calls, default=0),
+                "max_payload": 2 * max((self.layers_per_group.get(id(g), 0) for g in groups), default=0),
+            }
+        )
+        return out
+
+    def _has_adapted_layer(self, group: dict[str, Any]) -> bool:
+        """Whether the group has a layer that takes the trust ratio (else no rank needs to communicate)."""
+        from hf_lars.sharding import layer_shape
+
+        opt = self.optimizer
+        layers = opt._layers[opt._group_index[id(group)]]
+        return any(opt._adapt(group, layer_shape(p)) for p in layers)
+
+
+def make_optimizer(opt_name: str, model: nn.Module, split: bool, **overrides: Any) -> torch.optim.Optimizer:
+    cls, kwargs = OPTIMIZERS[opt_name]
+    kwargs = {**kwargs, **overrides}
+    groups = []
+    for g in C.param_groups(model, split):
+        groups.append({"params": list(zip(g["param_names"], g["params"]))})
+    return cls(groups, **kwargs)
+
+
+def reference_run(opt_name: str, model_name: str, split: bool, batches: list, bf16: bool) -> dict[str, Tensor]:
+    """One process, whole global batch, no sharding (bf16: a bf16 model stepped through fp32 masters)."""
+    model = C.make_model(model_name)
+    if not bf16:
+        opt = make_optimizer(opt_name, model, split)
+        with C.count_all_reduce() as calls:
+            for x, y in batches:
+                C.loss_fn(model(x), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        assert not calls, "the unsharded reference must not communicate"
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    # DeepSpeed's bf16 arithmetic, emulated: each rank's bf16 gradient of its half batch, divided by the
+    # world size and summed in bf16, accumulated into fp32 masters.
+    # Gradient Centralization runs where the hooks run it under ZeRO: on each rank's bf16 gradient (in
+    # fp32, rounded back to bf16) before the reduction, not on the reduced fp32 gradient in the step.
+    model = model.to(torch.bfloat16)
+    master = copy.deepcopy(model).float()  # DeepSpeed's masters start from the bf16 weights
+    gc = bool(OPTIMIZERS[opt_name][1].get("use_gc"))
+    opt = make_optimizer(opt_name, master, split, use_gc=False) if gc else make_optimizer(opt_name, master, split)
+    pairs = list(zip(model.parameters(), master.parameters()))
+    world = len(batches[0][0]) // C.MICRO_BATCH
+    for batch in batches:
+        total = [None] * len(pairs)
+        for r in range(world):
+            x, y = C.local_slice(batch, r)
+            C.loss_fn(model(x.to(torch.bfloat16)), y).backward()
+            for i, (p, _) in enumerate(pairs):
+                grad = p.grad
+                if gc:  # what the Gradient Centralization hooks do to each rank's gradient under ZeRO
+                    grad = hf_lars.sharding.centralize_gradient(grad)
+                part = grad / world
+                total[i] = part if total[i] is None else total[i] + part
+                p.grad = None
+        for (_, m), g in zip(pairs, total):
+            m.grad = g.float()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in pairs:
+                p.copy_(m)
+    return {n: p.detach().clone() for n, p in master.named_parameters()}
+
+
+def deepspeed_run(
+    engine_name: str, opt_name: str, model_name: str, split: bool, batches: list, rank: int, bf16: bool
+) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    stage = int(engine_name[-1])
+    config = C.ds_config(stage, bf16=bf16, sub_group_size=60 if model_name == "wide" else 40)
+    model = C.make_model(model_name)
+    opt = make_optimizer(opt_name, model, split)
+    counter = StepCounter(opt)
+    engine = C.deepspeed_engine(model, opt, config)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for batch in batches:
+        x, y = C.local_slice(batch, rank)
+        loss = C.loss_fn(engine(x.to(dtype)), y)
+        engine.backward(loss)
+        engine.step()
+    final = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    held = _held_layers(engine.module)
+    engine.destroy()
+    return final, counter.records, held
+
+
+def _held_layers(model: nn.Module) -> list[list[str]]:
+    """Per rank, the layers of which the rank holds at least one element of the optimizer's partition."""
+    mine = []
+    for n, p in model.named_parameters():
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2
+            held = p._hp_mapping is not None
+        elif hasattr(p, "ds_numel"):  # ZeRO-3
+            held = p.ds_numel - dist.get_rank() * p.partition_numel() > 0
+        elif is_dtensor(p):
+            held = p.to_local().numel() > 0
+        else:
+            held = True
+        if held:
+            mine.append(n)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def fsdp2_run(
+    opt_name: str, model_name: str, split: bool, batches: list, rank: int
+) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
+    model = C.fsdp2_shard(C.make_model(model_name))
+    opt = make_optimizer(opt_name, model, split)
+    counter = StepCounter(opt)
+    for batch in batches:
+        x, y = C.local_slice(batch, rank)
+        C.loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return C.full_state(model), counter.records, _held_layers(model)
+
+
+def compare(got: dict[str, Tensor], ref: dict[str, Tensor], init: dict[str, Tensor]) -> dict[str, Any]:
+    """Per layer: ||got - ref|| / ||ref||, and how far training moved the layer (||ref - init|| / ||ref||)."""
+    errs, moved = {}, {}
+    for name, r in ref.items():
+        scale = r.norm().clamp_min(1e-12)
+        errs[name] = ((got[name] - r).norm() / scale).item()
+        moved[name] = ((r - init[name]).norm() / scale).item()
+    return {"max_rel_err": max(errs.values()), "rel_err": errs, "moved": moved}
+
+
+def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool, rank: int, world: int) -> dict:
+    """One case; exceptions are recorded (and asserted on by the pytest side), not raised."""
+    model_name, split = MODELS[model_key]
+    batches = C.global_batches(STEPS, world, out_features=3 if model_name == "wide" else 1)
+    record: dict[str, Any] = {}
+    real_layouts = hf_lars.sharding.tensor_layouts
+    try:
+        init = {n: p.detach().clone() for n, p in C.make_model(model_name).named_parameters()}
+        ref = reference_run(opt_name, model_name, split, batches, bf16)
+        hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
+        if engine == "fsdp2":
+            got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank)
+        else:
+            got, steps, held = deepspeed_run(engine, opt_name, model_name, split, batches, rank, bf16)
+        record.update(compare(got, ref, init))
+        record["step_calls"] = steps
+        record["held"] = held
+    except Exception as err:
+        record["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-2500:]}"
+    finally:
+        hf_lars.sharding.tensor_layouts = real_layouts
+    return record
+
+
+def main() -> None:
+    args = C.parse_args(
+        lambda p: (
+            p.add_argument("--engine", required=True, choices=["zero1", "zero2", "zero3", "fsdp2"]),
+            p.add_argument("--bf16", action="store_true", help="also run every case in bf16"),
+            p.add_argument("--optimizers", default=",".join(OPTIMIZERS)),
+            p.add_argument("--models", default="groups,mixed", help="model keys; negative controls run with 'mixed'"),
+        )
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    rank, world = C.init()
+    results: dict[str, Any] = {
+        "engine": args.engine,
+        "steps": STEPS,
+        "world": world,
+        "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1"))),
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        "cases": {},
+    }
+    names = args.optimizers.split(",")
+    dtypes = [False, True] if args.bf16 else [False]
+    # Cases that cannot hang first (an optimizer that skips the collective on a rank without adapted
+    # pieces deadlocks the "mixed" cases; results are written after every case).
+    models = args.models.split(",")
+    cases = [(o, m, False, bf16) for m in models if m != "mixed" for bf16 in dtypes for o in names]
+    if "mixed" in models:
+        cases += [(o, "mixed", True, False) for o in names]  # negative controls: no collective at all
+        cases += [(o, "mixed", False, bf16) for bf16 in dtypes for o in names]
+    for opt_name, model_key, naive, bf16 in cases:
+        key = f"{opt_name}/{model_key}" + ("/bf16" if bf16 else "") + ("/naive" if naive else "")
+        limit = FIRST_CASE_LIMIT_S if not results["cases"] else CASE_LIMIT_S
+
+        def hung(key: str = key, limit: float = limit) -> None:
+            results["cases"][key] = {
+                "error": f"no progress for {limit:.0f} s: a collective deadlock (did one rank skip the all-reduce "
+                "the others made?)"
+            }
+            C.write(args.out, results)
+
+        t0 = time.perf_counter()
+        with C.watchdog(limit, hung):
+            record = run_case(args.engine, opt_name, model_key, naive, bf16, rank, world)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, record.get("error"))
+        record["errors_by_rank"] = gathered
+        record["seconds"] = time.perf_counter() - t0
+        results["cases"][key] = record
+        C.write(args.out, results)  # after every case: a later hang still leaves the earlier results
+    C.finish()
+
+
+if __name__ == "__main__":
+    main()
