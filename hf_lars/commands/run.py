@@ -1,0 +1,91 @@
+"""``hf-lars run SCRIPT.py [script args]``: run an unmodified training script with hf_lars registered.
+
+The script runs as ``__main__`` (``runpy``) with ``sys.argv = [SCRIPT.py, *script args]`` after
+:func:`hf_lars.register`, so ``--optim lars`` and ``--lr_scheduler_type warmup_poly`` work in the official
+transformers example scripts.  ``hf-lars run -m package.module [args]`` runs a module instead.  Launchers work
+as usual::
+
+    torchrun --nproc_per_node 8 -m hf_lars run run_clm.py --optim adam_lars ...
+    accelerate launch --config_file recipes/accelerate/zero2.yaml -m hf_lars run run_clm.py --optim lars ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+
+__all__ = ["register", "run_script", "USAGE"]
+
+USAGE = "usage: hf-lars run SCRIPT.py [script args...]\n       hf-lars run -m MODULE [module args...]"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``run`` to ``hf-lars --help`` (the CLI hands ``run`` to :func:`run_script` before parsing)."""
+    parser = subparsers.add_parser(
+        "run",
+        help="register hf_lars with transformers, then run a training script (e.g. run_clm.py --optim lars ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("script", help="the training script (or -m MODULE)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
+    parser.set_defaults(func=lambda args: run_script([args.script, *args.script_args]))
+
+
+def _exit_code(err: SystemExit) -> int:
+    code = err.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_script(argv: Sequence[str]) -> int:
+    """Register hf_lars, then run ``argv[0]`` (a path, or ``-m MODULE``) as ``__main__`` with ``argv[1:]``.
+
+    Returns the script's exit status (``sys.exit(n)`` in the script gives ``n``).  ``sys.argv`` and
+    ``sys.path`` are restored afterwards, so it can be called in-process.
+    """
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    module = None
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print(USAGE, file=sys.stderr)
+            return 2
+        module, script_args = argv[1], argv[2:]
+        target = module
+    else:
+        target, script_args = argv[0], argv[1:]
+        if not os.path.isfile(target):
+            print(f"hf-lars run: no such script: {target!r}\n{USAGE}", file=sys.stderr)
+            return 2
+
+    import hf_lars
+
+    hf_lars.register()
+
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    try:
+        if module is not None:
+            sys.argv = [module, *script_args]
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            path = os.path.abspath(target)
+            sys.argv = [target, *script_args]
+            sys.path.insert(0, os.path.dirname(path))  # what `python SCRIPT.py` does
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as err:
+        return _exit_code(err)
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+    return 0
