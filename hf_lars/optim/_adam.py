@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adam_direction", "init_adam_state", "increment_steps", "step_scalars"]
+__all__ = [
+    "adam_direction",
+    "adam_direction_piece",
+    "denominator_scalars",
+    "init_adam_state",
+    "increment_steps",
+    "step_scalars",
+]
 
 
 def adam_direction(
@@ -19,7 +26,6 @@ def adam_direction(
     bias_correction1: Tensor | None,
     bias_correction2: Tensor | None,
     rectified: Tensor | None = None,
-    scratch: list[Tensor | None] | None = None,
     foreach: bool,
 ) -> list[Tensor]:
     r"""Update the moments in place and return the Adam direction of each piece.
@@ -33,13 +39,10 @@ def adam_direction(
     not; there :math:`r = m / c_1` (SGD with momentum).  All scalars are device tensors: no host sync.
 
     The denominator is computed as ``sqrt(v) * a + b`` (two passes, not up to five), with per-piece scalars
-    :math:`a = c_1/\sqrt{c_2}`, :math:`b = c_1 \epsilon` (unrectified pieces: :math:`a = 0`, :math:`b = c_1`).
-
-    ``scratch`` (per-tensor path only): per piece ``None`` or a temporary of the piece's shape and dtype that
-    the caller no longer needs once the moments are updated (e.g. the centralized gradient); the direction
-    is written into it instead of a new allocation.
+    :math:`a = c_1/\sqrt{c_2}`, :math:`b = c_1 \epsilon` (unrectified pieces: :math:`a = 0`, :math:`b = c_1`)
+    from :func:`denominator_scalars`; the per-tensor path is :func:`adam_direction_piece` on each piece.
     """
-    scale, shift = _denominator_scalars(len(exp_avgs), eps, bias_correction1, bias_correction2, rectified)
+    scale, shift = denominator_scalars(len(exp_avgs), eps, bias_correction1, bias_correction2, rectified)
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -52,20 +55,50 @@ def adam_direction(
             torch._foreach_add_(denom, list(shift.unbind(0)))
         return list(torch._foreach_div(exp_avgs, denom))
 
-    out = []
-    for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads)):
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = v.sqrt() if scratch is None or scratch[i] is None else torch.sqrt(v, out=scratch[i])
-        if scale is None:
-            denom.add_(eps)
-        else:
-            denom.mul_(scale[i]).add_(shift[i])
-        out.append(torch.div(m, denom, out=denom))  # into denom: one temporary per piece, not two
-    return out
+    return [
+        adam_direction_piece(
+            m,
+            v,
+            g,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            scale=None if scale is None else scale[i],
+            shift=None if shift is None else shift[i],
+        )
+        for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads))
+    ]
 
 
-def _denominator_scalars(
+def adam_direction_piece(
+    m: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """One piece of :func:`adam_direction` (per-tensor): update ``m``, ``v`` in place, return the direction.
+
+    ``scale``/``shift`` are this piece's entries of :func:`denominator_scalars`.  ``scratch``: ``None`` or a
+    temporary of the piece's shape and dtype that the caller no longer needs once the moments are updated
+    (e.g. the centralized gradient); the direction is written into it instead of a new allocation.
+    """
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.sqrt() if scratch is None else torch.sqrt(v, out=scratch)
+    if scale is None:
+        denom.add_(eps)
+    else:
+        denom.mul_(scale).add_(shift)
+    return torch.div(m, denom, out=denom)  # into denom: one temporary per piece, not two
+
+
+def denominator_scalars(
     n: int, eps: float, bc1: Tensor | None, bc2: Tensor | None, rectified: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-piece ``(a, b)`` with denominator ``sqrt(v) * a + b`` (see :func:`adam_direction`); ``(None,

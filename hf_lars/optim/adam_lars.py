@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim._adam import adam_direction, increment_steps, init_adam_state, step_scalars
+from hf_lars.optim._adam import (
+    adam_direction,
+    adam_direction_piece,
+    denominator_scalars,
+    increment_steps,
+    init_adam_state,
+    step_scalars,
+)
 from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
 from hf_lars.optim._work import StepTensors, apply_update
 from hf_lars.optim.trust import StepLayout, adam_trust_ratio
@@ -226,19 +233,18 @@ def _tensor_by_tensor_adam_lars(
     its one temporary dies at once and its data is still in cache.  Materialising every direction before
     taking the norms, as layers split across tensors or ranks require, is ~2x slower on CPU.  Same result.
     """
+    den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, None)
     ratios = []
     for i, (wi, adapted) in enumerate(zip(w, adapt)):
-        piece = slice(i, i + 1)
-        (u,) = adam_direction(
-            [exp_avgs[i]],
-            [exp_avg_sqs[i]],
-            [g[i]],
+        u = adam_direction_piece(
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            g[i],
             beta1=beta1,
             beta2=beta2,
             eps=eps,
-            bias_correction1=None if bc1 is None else bc1[piece],
-            bias_correction2=None if bc2 is None else bc2[piece],
-            foreach=False,
+            scale=None if den_scale is None else den_scale[i],
+            shift=None if den_shift is None else den_shift[i],
         )
         if not adapted:
             wi.add_(u, alpha=-lr)

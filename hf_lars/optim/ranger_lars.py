@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim._adam import adam_direction, increment_steps, init_adam_state, step_scalars
+from hf_lars.optim._adam import (
+    adam_direction,
+    adam_direction_piece,
+    denominator_scalars,
+    increment_steps,
+    init_adam_state,
+    step_scalars,
+)
 from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
 from hf_lars.optim._work import StepTensors, apply_update
 from hf_lars.optim.adam_lars import check_betas
@@ -282,22 +289,20 @@ def _tensor_by_tensor_ranger_lars(
     direction before taking the norms, as layers split across tensors or ranks require, is ~2x slower on
     CPU.  Same result.
     """
+    den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, rectified)
     ratios = []
     for i, (wi, gi, adapted) in enumerate(zip(w, g, adapt)):
-        piece = slice(i, i + 1)
         centred = _centralize(gi) if centre[i] else None
-        (u,) = adam_direction(
-            [exp_avgs[i]],
-            [exp_avg_sqs[i]],
-            [gi if centred is None else centred],
+        u = adam_direction_piece(
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            gi if centred is None else centred,
             beta1=beta1,
             beta2=beta2,
             eps=eps,
-            bias_correction1=bc1[piece],
-            bias_correction2=bc2[piece],
-            rectified=rectified[piece],
-            scratch=[centred],  # the direction reuses the centred gradient's memory: one temporary, not two
-            foreach=False,
+            scale=den_scale[i],
+            shift=den_shift[i],
+            scratch=centred,  # the direction reuses the centred gradient's memory: one temporary, not two
         )
         if adapted:
             if weight_decay != 0:
