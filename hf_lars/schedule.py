@@ -356,9 +356,6 @@ def scale_lr(base_lr: float, base_batch: int | float, batch: int | float, rule: 
     for name, value in (("base_lr", base_lr), ("base_batch", base_batch), ("batch", batch)):
         if not (_is_real(value) and value > 0):
             raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
-    ratio = float(batch) / float(base_batch)
-    if rule == "linear":
-        return float(base_lr) * ratio
-    if rule == "sqrt":
-        return float(base_lr) * math.sqrt(ratio)
-    return float(base_lr)
+    from hf_lars.scaling import scaled_lr  # the one table of batch-size rules
+
+    return float(scaled_lr(rule, base_batch, base_lr, batch))
