@@ -19,7 +19,11 @@ from collections.abc import Sequence
 
 __all__ = ["register", "run_script", "USAGE"]
 
-USAGE = "usage: hf-lars run SCRIPT.py [script args...]\n       hf-lars run -m MODULE [module args...]"
+USAGE = (
+    "usage: hf-lars run SCRIPT.py [script args...]\n       hf-lars run -m MODULE [module args...]\n"
+    "--lr_scaling surge|sgd|linear|sqrt|none, --lr_scaling_ref_batch N and --b_noise F among the script args are\n"
+    "taken by hf-lars: --learning_rate (tuned at batch N) is rescaled to the run's global batch."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +47,33 @@ def _exit_code(err: SystemExit) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+_LR_SCALING_FLAGS = {"--lr_scaling": str, "--lr_scaling_ref_batch": int, "--b_noise": float}
+
+
+def _take_lr_scaling_flags(args: Sequence[str]) -> tuple[list[str], dict[str, object]]:
+    """Remove ``--lr_scaling``, ``--lr_scaling_ref_batch`` and ``--b_noise`` (``--flag v`` or ``--flag=v``)."""
+    rest: list[str] = []
+    found: dict[str, object] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        flag, eq, value = items[i].partition("=")
+        if flag in _LR_SCALING_FLAGS:
+            if not eq:
+                if i + 1 >= len(items):
+                    raise SystemExit(f"hf-lars run: {flag} needs a value")
+                value = items[i + 1]
+                i += 1
+            try:
+                found[flag[2:]] = _LR_SCALING_FLAGS[flag](value)
+            except ValueError:
+                raise SystemExit(f"hf-lars run: invalid value for {flag}: {value!r}") from None
+        else:
+            rest.append(items[i])
+        i += 1
+    return rest, found
 
 
 def run_script(argv: Sequence[str]) -> int:
@@ -71,6 +102,11 @@ def run_script(argv: Sequence[str]) -> int:
     import hf_lars
 
     hf_lars.register()
+    script_args, scaling = _take_lr_scaling_flags(script_args)
+    if scaling:
+        from hf_lars.integrations.transformers import set_launch_lr_scaling
+
+        set_launch_lr_scaling(**scaling)
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
@@ -86,6 +122,10 @@ def run_script(argv: Sequence[str]) -> int:
     except SystemExit as err:
         return _exit_code(err)
     finally:
+        if scaling:
+            from hf_lars.integrations.transformers import set_launch_lr_scaling
+
+            set_launch_lr_scaling("none")
         sys.argv = saved_argv
         sys.path[:] = saved_path
     return 0

@@ -62,6 +62,7 @@ from hf_lars.integrations.callbacks import (
     add_trust_ratio_callback,
     find_trust_ratio_optimizer,
 )
+from hf_lars.integrations.lr_scaling import LrScalingArguments, apply_lr_scaling
 from hf_lars.optim._base import TrustRatioOptimizer
 from hf_lars.registry import get_optimizer_info, list_optimizers
 
@@ -520,6 +521,39 @@ def _wrap_create_optimizer() -> None:
     Trainer.create_optimizer = create_optimizer
 
 
+# --lr_scaling for scripts that build plain TrainingArguments (set by `hf-lars run --lr_scaling ...`).
+_LAUNCH_LR_SCALING: dict[str, Any] = {}
+
+
+def set_launch_lr_scaling(lr_scaling: str, lr_scaling_ref_batch: int | None = None, b_noise: float | None = None) -> None:
+    """Rescale the LR of every ``TrainingArguments`` built from now on (after :func:`register`).
+
+    This is how ``hf-lars run SCRIPT.py --lr_scaling surge --lr_scaling_ref_batch 512 --b_noise 2e5 ...``
+    reaches an unmodified script whose ``TrainingArguments`` do not know these flags: the command takes them
+    off the script's arguments and calls this; the patched ``TrainingArguments.__post_init__`` then applies
+    :func:`~hf_lars.integrations.lr_scaling.apply_lr_scaling` (``--learning_rate`` is the reference LR).
+    ``lr_scaling="none"`` turns it off.  Validated when the arguments are built.
+    """
+    _LAUNCH_LR_SCALING.clear()
+    if lr_scaling != "none":
+        _LAUNCH_LR_SCALING.update(lr_scaling=lr_scaling, lr_scaling_ref_batch=lr_scaling_ref_batch, b_noise=b_noise)
+
+
+def _wrap_training_arguments_post_init() -> None:
+    original = TrainingArguments.__dict__["__post_init__"]
+
+    @functools.wraps(original)
+    def __post_init__(self: TrainingArguments) -> None:
+        original(self)
+        if _LAUNCH_LR_SCALING and not isinstance(self, LrScalingArguments):
+            for key, value in _LAUNCH_LR_SCALING.items():
+                object.__setattr__(self, key, value)
+            apply_lr_scaling(self, self.world_size)
+
+    setattr(__post_init__, _PATCH_MARK, original)
+    TrainingArguments.__post_init__ = __post_init__
+
+
 def register() -> None:
     """Make the registry's optimizer names and ``warmup_poly`` usable by transformers (see the module docstring).
 
@@ -547,6 +581,7 @@ def register() -> None:
         optimization.TYPE_TO_SCHEDULER_FUNCTION[member] = create_warmup_poly_scheduler
     _wrap_static_get_optimizer_cls_and_kwargs()
     _wrap_create_optimizer()
+    _wrap_training_arguments_post_init()
     logger.info(
         "hf_lars: registered --optim %s and --lr_scheduler_type %s", ", ".join(sorted(_ADDED_OPTIM_VALUES)), SCHEDULER_NAME
     )
@@ -560,6 +595,8 @@ def unregister() -> None:
     from transformers.trainer_utils import SchedulerType
 
     Trainer.create_optimizer = getattr(Trainer.__dict__["create_optimizer"], _PATCH_MARK)
+    TrainingArguments.__post_init__ = getattr(TrainingArguments.__dict__["__post_init__"], _PATCH_MARK)
+    _LAUNCH_LR_SCALING.clear()
     Trainer.get_optimizer_cls_and_kwargs = getattr(
         Trainer.__dict__["get_optimizer_cls_and_kwargs"].__func__, _PATCH_MARK
     )
@@ -579,12 +616,15 @@ _PLACEHOLDER_SCHEDULER = "linear"
 
 
 @dataclass
-class LarsTrainingArguments(TrainingArguments):
+class LarsTrainingArguments(LrScalingArguments, TrainingArguments):
     """``TrainingArguments`` that accept hf_lars names without patching transformers; use with :class:`LarsTrainer`.
 
     ``optim`` accepts every transformers name and every registry name (default ``adam_lars``);
     ``lr_scheduler_type`` every transformers scheduler and ``warmup_poly`` (default).  ``optim_args`` are
     validated here, so a bad value fails at argument parsing rather than when training starts.
+    ``--lr_scaling surge|sgd|linear|sqrt|none`` with ``--lr_scaling_ref_batch`` (and ``--b_noise``) rescales
+    ``--learning_rate`` to this run's global batch (processes x per-device batch x accumulation) here, at
+    launch: before Trainer builds the Accelerator, so DeepSpeed's ``"auto"`` learning rate gets the scaled one.
     """
 
     optim: str = field(
@@ -649,6 +689,7 @@ class LarsTrainingArguments(TrainingArguments):
                     f"Unknown lr_scheduler_kwargs for {SCHEDULER_NAME}: {', '.join(unknown)}. "
                     f"Valid keys: {', '.join(WARMUP_POLY_KWARGS)}"
                 )
+        apply_lr_scaling(self, self.world_size)
 
 
 class LarsTrainer(Trainer):

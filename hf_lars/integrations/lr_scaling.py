@@ -1,0 +1,221 @@
+"""Rescale the learning rate at launch for the global batch size: ``--lr_scaling surge|sgd|linear|sqrt|none``.
+
+``--learning_rate`` is the reference LR, tuned at ``--lr_scaling_ref_batch`` examples per optimizer step; the
+run's global batch is ``processes x per_device_train_batch_size x gradient_accumulation_steps``; the LR the
+run uses is :func:`hf_lars.scaling.scaled_lr` of the two (the one function every front door calls):
+
+- ``surge`` (alias ``adam``): Li et al. 2024, ``lr ∝ 1 / cosh((ln B - ln B_noise) / 2)``, needs ``--b_noise``;
+- ``sgd``: McCandlish et al. 2018, ``lr ∝ 1 / (1 + B_noise / B)``, needs ``--b_noise``;
+- ``linear`` (Goyal et al. 2017): ``lr ∝ B``;  ``sqrt``: ``lr ∝ sqrt(B)``;  ``none``: unchanged.
+
+Pieces:
+
+- :class:`LrScalingArguments`: the three fields with help strings, to compose into a ``TrainingArguments``
+  subclass or to parse with ``HfArgumentParser`` next to it;
+- :func:`global_batch_size`, :func:`apply_lr_scaling`: the Trainer side (sets ``args.learning_rate``,
+  idempotent, refreshes a DeepSpeed config whose ``"auto"`` LRs were filled from the unscaled value);
+- :func:`scaled_learning_rate`: the plain function for Accelerate and hand-written loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_lars.scaling.laws import canonical_rule, scaled_lr
+
+__all__ = [
+    "LR_SCALING_CHOICES",
+    "LrScalingArguments",
+    "global_batch_size",
+    "scaled_learning_rate",
+    "apply_lr_scaling",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Values accepted by ``--lr_scaling`` (``adam`` is an alias of ``surge``).
+LR_SCALING_CHOICES: tuple[str, ...] = ("none", "surge", "adam", "sgd", "linear", "sqrt")
+_NEEDS_B_NOISE = frozenset({"adam", "sgd"})
+# Private attribute set on the args by apply_lr_scaling: {"ref_lr": ..., "lr": ...}; makes it idempotent.
+_APPLIED_ATTR = "_hf_lars_lr_scaling"
+
+
+@dataclass
+class LrScalingArguments:
+    """Command-line fields of the launch-time LR rescaling (compose into a ``TrainingArguments`` subclass)."""
+
+    lr_scaling: str = field(
+        default="none",
+        metadata={
+            "help": "Rescale --learning_rate (tuned at --lr_scaling_ref_batch) to this run's global batch size "
+            "(processes x per_device_train_batch_size x gradient_accumulation_steps): 'surge' (Adam-style "
+            "optimizers, Li et al. 2024; needs --b_noise), 'sgd' (McCandlish et al. 2018; needs --b_noise), "
+            "'linear' (Goyal et al. 2017), 'sqrt', or 'none'.",
+            "choices": list(LR_SCALING_CHOICES),
+        },
+    )
+    lr_scaling_ref_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Global batch size (examples per optimizer step) at which --learning_rate was tuned; required "
+            "unless --lr_scaling none."
+        },
+    )
+    b_noise: float | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient noise scale B_noise in examples (the peak of the surge law, the knee of the SGD law), "
+            "e.g. from 'hf-lars scale fit' or the b_noise logged by GradientNoiseScaleCallback; required by "
+            "--lr_scaling surge and sgd."
+        },
+    )
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
+    if value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
+    return int(value)
+
+
+def global_batch_size(args: Any, world_size: int) -> int:
+    """``world_size x args.per_device_train_batch_size x args.gradient_accumulation_steps``.
+
+    ``world_size`` is the number of data-parallel processes (``args.world_size`` under Trainer,
+    ``accelerator.num_processes`` under Accelerate).
+    """
+    world = _check_positive_int("world_size", world_size)
+    per_device = _check_positive_int("per_device_train_batch_size", args.per_device_train_batch_size)
+    accum = _check_positive_int("gradient_accumulation_steps", getattr(args, "gradient_accumulation_steps", 1))
+    return world * per_device * accum
+
+
+def _is_positive_number(value: Any) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    )
+
+
+def _validate(rule: str, ref_batch: Any, b_noise: Any) -> str:
+    """The canonical rule; ``ValueError`` with a clear message for every bad combination."""
+    try:
+        canon = canonical_rule(rule)
+    except ValueError:
+        raise ValueError(
+            f"Unknown lr_scaling rule {rule!r}; valid rules: {', '.join(LR_SCALING_CHOICES)}"
+        ) from None
+    if canon == "none":
+        return canon
+    if ref_batch is None:
+        raise ValueError(
+            f"lr_scaling={rule!r} needs lr_scaling_ref_batch, the global batch size --learning_rate was tuned at"
+        )
+    if not _is_positive_number(ref_batch):
+        raise ValueError(f"Invalid lr_scaling_ref_batch: {ref_batch!r} (must be a positive number of examples)")
+    if canon in _NEEDS_B_NOISE:
+        if b_noise is None:
+            raise ValueError(
+                f"lr_scaling={rule!r} needs b_noise (the gradient noise scale in examples: fit it with "
+                "'hf-lars scale fit' or read the b_noise logged by GradientNoiseScaleCallback)"
+            )
+        if not _is_positive_number(b_noise):
+            raise ValueError(f"Invalid b_noise: {b_noise!r} (must be a positive number of examples)")
+    return canon
+
+
+def _is_main_process() -> bool:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:  # pragma: no cover - torch always installed with hf_lars
+        pass
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def scaled_learning_rate(
+    rule: str,
+    ref_lr: float,
+    ref_batch: int | float | None,
+    batch_size: int | float,
+    b_noise: float | None = None,
+    *,
+    log: bool = True,
+) -> float:
+    """The LR for global batch ``batch_size`` given ``ref_lr`` tuned at ``ref_batch`` (plain API, any loop).
+
+    Accelerate::
+
+        batch = accelerator.num_processes * per_device_batch * accumulation_steps
+        lr = scaled_learning_rate("surge", 3e-4, ref_batch=256, batch_size=batch, b_noise=900)
+
+    Logs ``lr scaled from X at batch Y to Z at batch W (rule R)`` on the main process (rank 0) when ``log``.
+
+    Raises:
+        ValueError: unknown rule (the valid ones are listed), ``ref_batch`` missing or not positive, ``b_noise``
+            missing or not positive for ``surge``/``sgd``, ``ref_lr`` not positive.
+    """
+    canon = _validate(rule, ref_batch, b_noise)
+    if not _is_positive_number(ref_lr):
+        raise ValueError(f"Invalid learning_rate: {ref_lr!r} (the reference LR must be positive)")
+    if canon == "none":
+        return float(ref_lr)
+    lr = float(scaled_lr(canon, ref_batch, ref_lr, batch_size, b_noise if canon in _NEEDS_B_NOISE else None))
+    if log and _is_main_process():
+        noise = f", B_noise={b_noise:g}" if canon in _NEEDS_B_NOISE else ""
+        logger.info(
+            "lr scaled from %g at batch %g to %g at batch %g (rule %s%s)",
+            ref_lr, ref_batch, lr, batch_size, rule, noise,
+        )
+    return lr
+
+
+def apply_lr_scaling(args: Any, world_size: int) -> float:
+    """Set ``args.learning_rate`` to the LR scaled for this run's global batch and return it.
+
+    ``args`` carries the :class:`LrScalingArguments` fields (``lr_scaling``, ``lr_scaling_ref_batch``,
+    ``b_noise``) and Trainer's ``learning_rate`` (the reference LR), ``per_device_train_batch_size`` and
+    ``gradient_accumulation_steps``.  Call it before the optimizer is created.
+
+    Idempotent: a second call on the same ``args`` scales from the original reference LR again (unless
+    ``learning_rate`` was changed in between, which then counts as the new reference).  When the args carry a
+    DeepSpeed config (``args.hf_deepspeed_config``, built in ``TrainingArguments.__post_init__`` with the
+    unscaled LR filling ``"auto"``), it is rebuilt from ``args.deepspeed`` with the scaled LR, the way
+    Trainer's hyperparameter search does.
+
+    Raises:
+        ValueError: see :func:`scaled_learning_rate`; also a non-positive ``world_size`` or batch setting.
+    """
+    rule = getattr(args, "lr_scaling", "none")
+    rule = "none" if rule is None else str(rule)
+    ref_batch = getattr(args, "lr_scaling_ref_batch", None)
+    b_noise = getattr(args, "b_noise", None)
+    batch = global_batch_size(args, world_size)
+    applied = getattr(args, _APPLIED_ATTR, None)
+    ref_lr = float(args.learning_rate)
+    if applied is not None and math.isclose(ref_lr, applied["lr"], rel_tol=1e-12, abs_tol=0.0):
+        ref_lr = applied["ref_lr"]
+    lr = scaled_learning_rate(rule, ref_lr, ref_batch, batch, b_noise)
+    changed = lr != float(args.learning_rate)
+    args.learning_rate = lr
+    object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})
+    if changed and getattr(args, "hf_deepspeed_config", None) is not None and getattr(args, "deepspeed", None):
+        _refresh_deepspeed_config(args)
+    return lr
+
+
+def _refresh_deepspeed_config(args: Any) -> None:
+    """Rebuild the DeepSpeed config so its ``"auto"`` LRs take the scaled value (as Trainer's HP search does)."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+    args.hf_deepspeed_config.trainer_config_process(args)
+    args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+
