@@ -16,6 +16,14 @@ _LAZY = {
     "get_warmup_poly_schedule": "hf_lars.schedule",
     "warmup_poly_factor": "hf_lars.schedule",
     "scale_lr": "hf_lars.schedule",
+    "scaled_lr": "hf_lars.scaling",
+    "fit_surge": "hf_lars.scaling",
+    "adam_optimal_lr": "hf_lars.scaling",
+    "sgd_optimal_lr": "hf_lars.scaling",
+    "AdamBatchSizeScaler": "hf_lars.scaling",
+    "SGDBatchSizeScaler": "hf_lars.scaling",
+    "GradientNoiseScale": "hf_lars.scaling",
+    "GradientNoiseScaleCallback": "hf_lars.integrations.noise_scale",
 }
 
 

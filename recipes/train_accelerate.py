@@ -63,7 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=float, default=0.1, help="steps, or a fraction of max_steps if < 1")
     parser.add_argument("--power", type=float, default=2.0, help="poly decay exponent")
     parser.add_argument("--lr_end", type=float, default=0.0)
-    parser.add_argument("--max_grad_norm", type=float, default=0.0, help="clip gradients (0: off)")
+    parser.add_argument("--max_grad_norm", type=float, default=0.0,
+                        help='clip gradients (0: off); under DeepSpeed it fills "gradient_clipping": "auto"')
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -111,14 +112,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    init_cpu_distributed_state()  # gloo on multi-process CPU runs; no-op on GPUs and single processes
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+    if use_deepspeed:
+        init_cpu_distributed_state()  # gloo on multi-process CPU runs; no-op on GPUs and single processes
+    # Plain data parallel on several CPU processes needs Accelerate's MULTI_CPU state (DDP over gloo): without
+    # cpu=True each process would train alone (a gloo state made by init_cpu_distributed_state is not a DDP one).
+    multi_cpu = not use_deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     trackers = None if args.report_to in ("none", "") else args.report_to.split(",")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers,
         project_dir=args.output_dir,
+        cpu=multi_cpu,
     )
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None and ds_plugin.is_auto("gradient_clipping"):
+        # Under DeepSpeed clip_grad_norm_ below does nothing and Accelerate fills "auto" with 1.0: use --max_grad_norm.
+        ds_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     set_seed(args.seed)
     model_args, data_args = _dataclass(ModelArguments, args), _dataclass(DataArguments, args)
     lm, tokenizer = prepare_clm_data(model_args, data_args, args.seed, accelerator.main_process_first)
