@@ -35,6 +35,10 @@ class StepTensors:
         """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`)."""
         return self.layout.pieces(local_tensors)
 
+    def state_local(self, state: Sequence[Tensor]) -> list[Tensor]:
+        """Optimizer state tensors (possibly DTensors) parallel to the stepped ones, as local tensors."""
+        return self.layout.local(state)
+
     def state_pieces(self, state: Sequence[Tensor]) -> list[Tensor]:
         """Pieces of optimizer state tensors (fp32, possibly DTensors) parallel to the stepped ones."""
         return self.layout.pieces(self.layout.local(state))

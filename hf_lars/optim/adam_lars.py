@@ -156,8 +156,8 @@ def adam_lars(
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)
     bc1 = bc2 = None
-    if bias_correction:
-        t = step_scalars(layout.per_piece(steps))
+    if bias_correction:  # one value per stepped tensor (all pieces of a tensor share its step)
+        t = step_scalars(torch.stack(steps))
         bc1, bc2 = (1 - beta1**t).float(), (1 - beta2**t).float()
     if not foreach and layout.trivial:
         ratios = _tensor_by_tensor_adam_lars(
@@ -178,16 +178,20 @@ def adam_lars(
         )
         work.write_back()
         return None if ratios is None else ([layout.piece_layer[i] for i, a in enumerate(adapt) if a], ratios)
-    u = adam_direction(
-        work.state_pieces(exp_avgs),
-        work.state_pieces(exp_avg_sqs),
-        work.pieces(work.grads),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        bias_correction1=bc1,
-        bias_correction2=bc2,
-        foreach=foreach,
+    # The direction is elementwise: compute it on whole (local) tensors, one op each even for a flat ZeRO
+    # partition holding many layers, and cut it into pieces only for the per-layer norms and the update.
+    u = work.pieces(
+        adam_direction(
+            work.state_local(exp_avgs),
+            work.state_local(exp_avg_sqs),
+            work.grads,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            bias_correction1=bc1,
+            bias_correction2=bc2,
+            foreach=foreach,
+        )
     )
     adapted = layout.select(adapt)
     plain = layout.select([not a for a in adapt])

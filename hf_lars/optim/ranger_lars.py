@@ -191,14 +191,14 @@ def ranger_lars(
         work.grads = [_centralize(g) if c else g for g, c in zip(work.grads, centre)]
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)
-    t = layout.per_piece(steps)
+    t = torch.stack(steps)  # one value per stepped tensor (all pieces of a tensor share its step)
     t64 = step_scalars(t)
     rectified, s = (x.float() for x in radam_rectification(t64, beta2, rectify_threshold))
     bc1, bc2 = (1 - beta1**t64).float(), (1 - beta2**t64).float()
-    scale = s * -lr
+    scale = layout.per_piece(s * -lr)
     # Lookahead: on steps that are multiples of k, slow += alpha * (w - slow); w = slow.  Written with a
     # 0/1 weight per piece so no Python branch depends on a device value.
-    sync = (torch.remainder(t, k) == 0).to(t.dtype)
+    sync = layout.per_piece((torch.remainder(t, k) == 0).to(t.dtype))
     if tensor_by_tensor:
         ratios = _tensor_by_tensor_ranger_lars(
             w,
@@ -221,17 +221,21 @@ def ranger_lars(
         )
         work.write_back()
         return None if ratios is None else ([layout.piece_layer[i] for i, a in enumerate(adapt) if a], ratios)
-    u = adam_direction(
-        work.state_pieces(exp_avgs),
-        work.state_pieces(exp_avg_sqs),
-        work.pieces(work.grads),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        bias_correction1=bc1,
-        bias_correction2=bc2,
-        rectified=rectified,
-        foreach=foreach,
+    # The direction is elementwise: compute it on whole (local) tensors, one op each even for a flat ZeRO
+    # partition holding many layers, and cut it into pieces only for the per-layer norms and the update.
+    u = work.pieces(
+        adam_direction(
+            work.state_local(exp_avgs),
+            work.state_local(exp_avg_sqs),
+            work.grads,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            bias_correction1=bc1,
+            bias_correction2=bc2,
+            rectified=rectified,
+            foreach=foreach,
+        )
     )
     adapted = layout.select(adapt)
     plain = layout.select([not a for a in adapt])

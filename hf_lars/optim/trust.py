@@ -104,10 +104,17 @@ class StepLayout:
                 self.piece_layer.append(seg.layer)
                 self._segments.append(seg)
         self._subsets: dict[tuple[bool, ...], PieceSubset] = {}
+        self._piece_tensor_index: dict[torch.device, Tensor] = {}
 
-    def per_piece(self, per_tensor: Sequence[Tensor]) -> Tensor:
-        """Stack 0-d per-tensor values (e.g. step counts) into one value per piece."""
-        return torch.stack([per_tensor[t] for t in self.piece_tensor])
+    def per_piece(self, per_tensor: Tensor) -> Tensor:
+        """Expand a 1-D tensor of per-tensor values (e.g. step scalars) to one value per piece."""
+        if self.trivial:
+            return per_tensor
+        index = self._piece_tensor_index.get(per_tensor.device)
+        if index is None:  # built once: no host-to-device copy on later steps
+            index = torch.tensor(self.piece_tensor, dtype=torch.long, device=per_tensor.device)
+            self._piece_tensor_index[per_tensor.device] = index
+        return per_tensor.index_select(0, index)
 
     @property
     def num_pieces(self) -> int:
