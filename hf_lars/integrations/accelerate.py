@@ -149,8 +149,13 @@ def init_cpu_distributed_state(deepspeed: bool = False) -> Any:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
         return None
-    if deepspeed:
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if not deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        # Plain multi-process CPU (DDP): Accelerate's CPU state is distributed over gloo by itself; a bare
+        # gloo state would leave it "not distributed" and the model would never be wrapped in DDP.
+        from accelerate import PartialState
+
+        return PartialState(cpu=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
         from hf_lars.integrations.deepspeed import cpu_distributed_state
     except ImportError:  # deepspeed integration unavailable: the same thing by hand

@@ -68,7 +68,9 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # ``optimizer.param_groups = [group]``, so a position in param_groups is not the group's index.
         self._group_index: dict[int, int] = {}
         self._layout_cache: dict[tuple[int, tuple[int, ...]], tuple[list[Tensor], StepLayout, list[bool], bool]] = {}
-        self._last_ratios: dict[int, tuple[list[str], Tensor]] = {}
+        # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
+        # separate step() calls, each with its own layers.
+        self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
         defaults = {**defaults, "adapt": None}
         self._validate_group(defaults)
         super().__init__(params, defaults)
@@ -120,7 +122,10 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
 
     def _record_ratios(self, group: dict[str, Any], group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
         names = self._layer_names(group, group_index)
-        self._last_ratios[group_index] = ([names[i] for i in layers], ratios.detach())
+        new = set(layers)
+        for key in [k for k in self._last_ratios if k[0] == group_index and new.intersection(k[1])]:
+            del self._last_ratios[key]  # superseded (disjoint entries are other ZeRO-3 sub-groups: kept)
+        self._last_ratios[(group_index, tuple(layers))] = ([names[i] for i in layers], ratios.detach())
 
     # -------------------------------------------------------------------------------------- layouts
     def _step_layout(
