@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hf_lars.optim._adam import (
+    trust_ratio_step,
     adam_direction,
     adam_direction_piece,
     denominator_scalars,
@@ -16,7 +17,7 @@ from hf_lars.optim._adam import (
     step_scalars,
 )
 from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
-from hf_lars.optim._work import StepTensors, apply_update
+from hf_lars.optim._work import StepTensors
 from hf_lars.optim.trust import StepLayout, adam_trust_ratio
 
 __all__ = ["AdamLARS", "adam_lars", "check_betas", "check_trust_bounds"]
@@ -193,23 +194,17 @@ def adam_lars(
             foreach=foreach,
         )
     )
-    adapted = layout.select(adapt)
-    plain = layout.select([not a for a in adapt])
-    result = None
-    if len(adapted):
-        w_a, u_a = adapted.take(w), adapted.take(u)
-        if weight_decay != 0:
-            if foreach:
-                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
-            else:
-                for ui, wi in zip(u_a, w_a):
-                    ui.add_(wi, alpha=weight_decay)
-        norms = adapted.norms(w_a, u_a, foreach=foreach)
-        ratio = adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)
-        apply_update(w_a, u_a, ratio * -lr, foreach)
-        result = (adapted.layers, ratio)
-    if len(plain):
-        apply_update(plain.take(w), plain.take(u), -lr, foreach)
+    result = trust_ratio_step(
+        layout,
+        adapt,
+        w,
+        u,
+        scale=-lr,
+        weight_decay=weight_decay,
+        trust_clip=trust_clip,
+        trust_bounds=trust_bounds,
+        foreach=foreach,
+    )
     work.write_back()
     return result
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hf_lars.optim._adam import (
+    trust_ratio_step,
     adam_direction,
     adam_direction_piece,
     denominator_scalars,
@@ -16,7 +17,7 @@ from hf_lars.optim._adam import (
     step_scalars,
 )
 from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
-from hf_lars.optim._work import StepTensors, apply_update
+from hf_lars.optim._work import StepTensors
 from hf_lars.optim.adam_lars import check_betas
 from hf_lars.optim.trust import StepLayout, adam_trust_ratio
 
@@ -237,23 +238,9 @@ def ranger_lars(
             foreach=foreach,
         )
     )
-    adapted = layout.select(adapt)
-    plain = layout.select([not a for a in adapt])
-    result = None
-    if len(adapted):
-        w_a, u_a = adapted.take(w), adapted.take(u)
-        if weight_decay != 0:
-            if foreach:
-                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
-            else:
-                for ui, wi in zip(u_a, w_a):
-                    ui.add_(wi, alpha=weight_decay)
-        norms = adapted.norms(w_a, u_a, foreach=foreach)
-        ratio = adam_trust_ratio(norms[0], norms[1])
-        apply_update(w_a, u_a, ratio * adapted.take_vector(scale), foreach)
-        result = (adapted.layers, ratio)
-    if len(plain):
-        apply_update(plain.take(w), plain.take(u), plain.take_vector(scale), foreach)
+    result = trust_ratio_step(
+        layout, adapt, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
+    )
     slow = work.state_pieces(slow_buffers)
     if foreach:
         torch._foreach_lerp_(slow, w, list((sync * alpha).unbind(0)))
