@@ -148,6 +148,19 @@ def _is_training_log(logs: Mapping[str, Any]) -> bool:
     return "loss" in logs
 
 
+def _add_to_training_log(logs: dict[str, Any], state: Any, stats: Mapping[str, Any]) -> None:
+    """Add ``stats`` to a training log in ``on_log``, and to the copy Trainer already put in ``log_history``.
+
+    Trainer appends a copy of ``logs`` to ``state.log_history`` just before calling ``on_log``: completing that
+    copy too makes the statistics land in ``trainer_state.json`` whatever the callback's position.
+    """
+    logs.update(stats)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        entry = state.log_history[-1]
+        if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
+            entry.update(stats)
+
+
 class TrustRatioCallback(TrainerCallback):
     """Log layer-wise trust ratios of an hf_lars optimizer at every Trainer logging step.
 
@@ -206,13 +219,7 @@ class TrustRatioCallback(TrainerCallback):
         stats = summarize_trust_ratios(values)
         if not stats:
             return
-        logs.update(stats)
-        # Trainer appended a copy of `logs` to log_history just before calling on_log: complete that copy too
-        # so the statistics land in trainer_state.json whatever this callback's position.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            entry = state.log_history[-1]
-            if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
-                entry.update(stats)
+        _add_to_training_log(logs, state, stats)
         if self._writer is not None:
             self._writer.write(state.global_step, values)
 

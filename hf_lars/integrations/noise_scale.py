@@ -43,7 +43,7 @@ What it cannot measure.
   one per step (use a small ``logging_steps``).  A loop passes the engine's norm to :meth:`step` itself.
   Checked exactly against an analytic model on 2 CPU ranks for stages 1, 2 and 3 (a partitioned parameter).
 - FSDP (FSDP1 flat parameters, FSDP2 DTensor parameters): the hooks see sharded, reduce-scattered
-  gradients, not local ones (``NotImplementedError``).
+  gradients, not local ones (a ``ValueError`` says so).
 - fp16 with dynamic loss scaling: hooks and ``p.grad`` carry the loss scale, which changes between steps and
   would bias the EMAs; use bf16 or fp32 (a warning is logged).
 - Reentrant activation checkpointing runs nested backward passes; they are merged into the outer one as
@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_lars.integrations.callbacks import _add_to_training_log, _is_training_log
 from hf_lars.scaling.noise import GradientNoiseScale
 
 __all__ = [
@@ -190,7 +191,7 @@ class GradientNoiseScaleMonitor:
         if not self.params:
             raise ValueError("GradientNoiseScaleMonitor: no parameter requires grad")
         if _has_dtensor(self.params):
-            raise NotImplementedError(
+            raise ValueError(
                 "GradientNoiseScaleMonitor does not support FSDP/DTensor parameters: their gradient hooks see "
                 "reduce-scattered shards, not each rank's local micro-batch gradient"
             )
@@ -415,11 +416,6 @@ def _fsdp_enabled(args: TrainingArguments) -> bool:
         return False
 
 
-def _is_training_log(logs: Mapping[str, Any]) -> bool:
-    # Trainer's training logs carry "loss"; evaluation metrics and the end-of-training summary do not.
-    return "loss" in logs
-
-
 class GradientNoiseScaleCallback(TrainerCallback):
     r"""Log the gradient noise scale ``B_simple`` at every Trainer logging step (``b_noise`` in the logs).
 
@@ -472,7 +468,7 @@ class GradientNoiseScaleCallback(TrainerCallback):
                 "biases b_noise; use bf16 or fp32"
             )
         if _fsdp_enabled(args):
-            raise NotImplementedError(
+            raise ValueError(
                 "GradientNoiseScaleCallback does not support FSDP: the parameters' gradient hooks see sharded, "
                 "already reduce-scattered gradients, not each rank's local micro-batch gradient"
             )
@@ -513,12 +509,7 @@ class GradientNoiseScaleCallback(TrainerCallback):
         stats = self.monitor.compute(last_big_sq_norm=last_big)
         if not stats:
             return
-        logs.update(stats)
-        # Trainer appended a copy of `logs` to log_history just before on_log: complete it too.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            entry = state.log_history[-1]
-            if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
-                entry.update(stats)
+        _add_to_training_log(logs, state, stats)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
