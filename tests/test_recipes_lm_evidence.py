@@ -9,35 +9,16 @@ control does not.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 pytest.importorskip("matplotlib")
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _load(name: str) -> ModuleType:
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # the recipes set one thread per process
-    yield
-    torch.set_num_threads(threads)
+from recipe_loading import RECIPES, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
+from recipe_loading import load_recipe as _load
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
