@@ -38,8 +38,8 @@ if str(REPO) not in sys.path:
 
 import hf_lars.sharding  # noqa: E402
 from hf_lars import LARS, AdamLARS, RangerLARS  # noqa: E402
-from hf_lars.optim.trust import Segment, TensorLayout  # noqa: E402
-from hf_lars.sharding.fsdp import is_dtensor  # noqa: E402
+from hf_lars.layout import Segment, TensorLayout  # noqa: E402
+from hf_lars.sharding import is_dtensor  # noqa: E402
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "LARS": (LARS, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}),

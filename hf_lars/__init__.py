@@ -4,6 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Importing sharding registers its layout resolver with hf_lars.layout (the optimizers never import it).
+# It imports only torch and the layout contract, so this stays cheap.
+import hf_lars.sharding  # noqa: E402, F401
 from hf_lars.optim import LARS, AdamLARS, RangerLARS  # noqa: E402
 from hf_lars.registry import build_param_groups, create_optimizer, get_optimizer_info, list_optimizers  # noqa: E402
 

@@ -549,7 +549,7 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 
 
 def _resolved_default_foreach(params: list[Tensor]) -> bool:
-    from hf_lars.optim._base import default_foreach
+    from hf_lars.optim.base import default_foreach
 
     return default_foreach(params)
 

@@ -197,7 +197,7 @@ def _key(opt: str, variant: bool | str) -> str:
 
 def _centralize_all(model: torch.nn.Module) -> None:
     """Gradient Centralization of every matrix's gradient in place (idempotent: the step centres again)."""
-    from hf_lars.sharding import centralize_gradient
+    from hf_lars.optim.ranger_lars import centralize_gradient
 
     for p in model.parameters():
         if p.grad is not None and p.ndim > 1:
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------- worker
 def _naive_layouts(stepped: list[torch.Tensor], layers: list[torch.Tensor], group_params: Any = None) -> list[Any]:
     """Each flat partition treated as one layer with local norms (what sharding-unaware LAMBs compute)."""
-    from hf_lars.optim.trust import TensorLayout
+    from hf_lars.layout import TensorLayout
 
     return [TensorLayout.of_layer(0, t) for t in stepped]
 

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from hf_lars.optim.ranger_lars import _centralize
+from hf_lars.optim.ranger_lars import centralize_gradient
 from optim_cases import INFO, OptimizerInput, Setup, assert_close_scaled, build, make_grads, reference_cases
 from optim_reference import radam_rho, radam_s
 
@@ -195,15 +195,26 @@ def test_gradient_centralization_through_the_update(use_gc):
         else:
             assert row_means.abs().max() > 1e-2 * delta.abs().max(), name
         if name == "conv.weight":  # excluded: the update is exactly the (centralised) gradient
-            expected = _centralize(g) if use_gc else g
+            expected = centralize_gradient(g) if use_gc else g
             assert_close_scaled(delta, expected, RTOL, name)
 
 
 def test_centralize_helper():
     g = torch.randn(5, 3, 2, 2, dtype=torch.float64) + 1.0
-    c = _centralize(g)
+    c = centralize_gradient(g)
     assert c.mean(dim=(1, 2, 3)).abs().max() < 1e-12
     torch.testing.assert_close(c, g - g.reshape(5, -1).mean(1).reshape(5, 1, 1, 1))
+
+
+def test_centralize_gradient() -> None:
+    g = torch.randn(4, 3, 2)
+    c = centralize_gradient(g)
+    torch.testing.assert_close(c.mean(dim=(1, 2)), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(c, g - g.mean(dim=(1, 2), keepdim=True))
+    v = torch.randn(5)
+    assert centralize_gradient(v) is v
+    b = torch.randn(4, 6).to(torch.bfloat16)
+    assert centralize_gradient(b).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["LARS", "AdamLARS", "RangerLARS"])

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from hf_lars import sharding
-from hf_lars.optim.trust import Segment, StepLayout, TensorLayout
+from hf_lars.layout import Segment, StepLayout, TensorLayout
+from hf_lars.optim.ranger_lars import centralize_gradient
 from hf_lars.sharding import zero3
 
 # --------------------------------------------------------------------------------------- unit tests
@@ -133,20 +134,9 @@ def test_zero_detection_by_attributes() -> None:
     assert sharding.is_deepspeed_zero_param(q)
 
 
-def test_centralize_gradient() -> None:
-    g = torch.randn(4, 3, 2)
-    c = sharding.centralize_gradient(g)
-    torch.testing.assert_close(c.mean(dim=(1, 2)), torch.zeros(4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(c, g - g.mean(dim=(1, 2), keepdim=True))
-    v = torch.randn(5)
-    assert sharding.centralize_gradient(v) is v
-    b = torch.randn(4, 6).to(torch.bfloat16)
-    assert sharding.centralize_gradient(b).dtype == torch.bfloat16
-
-
 def test_gc_hooks_only_touch_deepspeed_parameters() -> None:
     lin = nn.Linear(3, 4)
-    handles = sharding.install_grad_centralization_hooks(lin.parameters())
+    handles = sharding.install_grad_centralization_hooks(lin.parameters(), centralize_gradient)
     assert len(handles) == 1  # the weight; the bias is 1-D
     x = torch.randn(5, 3)
     lin(x).pow(2).sum().backward()
@@ -155,7 +145,7 @@ def test_gc_hooks_only_touch_deepspeed_parameters() -> None:
     lin.weight.grad = None
     lin.weight._hp_mapping = None  # now DeepSpeed ZeRO-1/2 "manages" it
     lin(x).pow(2).sum().backward()
-    torch.testing.assert_close(lin.weight.grad, sharding.centralize_gradient(plain))
+    torch.testing.assert_close(lin.weight.grad, centralize_gradient(plain))
     for h in handles:
         h.remove()
 
@@ -163,10 +153,10 @@ def test_gc_hooks_only_touch_deepspeed_parameters() -> None:
 def test_gc_hooks_use_the_full_zero3_shape() -> None:
     p = nn.Parameter(torch.empty(0))  # a ZeRO-3 parameter outside forward/backward
     p.ds_shape = torch.Size([4, 3])
-    assert len(sharding.install_grad_centralization_hooks([p])) == 1
+    assert len(sharding.install_grad_centralization_hooks([p], centralize_gradient)) == 1
     q = nn.Parameter(torch.empty(0))
     q.ds_shape = torch.Size([12])
-    assert sharding.install_grad_centralization_hooks([q]) == []
+    assert sharding.install_grad_centralization_hooks([q], centralize_gradient) == []
 
 
 # ---------------------------------------------------------------------------- 2 processes, one launch

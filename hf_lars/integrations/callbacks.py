@@ -1,7 +1,7 @@
 """Trust-ratio logging: a Trainer callback and the pieces an Accelerate loop uses to do the same.
 
 Every hf_lars optimizer keeps the last step's per-layer trust ratios as device tensors
-(:meth:`~hf_lars.optim._base.TrustRatioOptimizer.trust_ratios`).  Nothing here reads them except at a logging
+(:meth:`~hf_lars.optim.TrustRatioOptimizer.trust_ratios`).  Nothing here reads them except at a logging
 step, so training never waits on a host sync for logging's sake.  At a logging step the ratios are summarised
 into ``trust_ratio_min`` / ``trust_ratio_median`` / ``trust_ratio_max`` (one device-to-host copy) and,
 optionally, written per layer to ``trust_ratios.jsonl``, one line per logging step::
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_lars.optim._base import TrustRatioOptimizer
+from hf_lars.optim import TrustRatioOptimizer
 
 __all__ = [
     "TRUST_RATIO_FILE",

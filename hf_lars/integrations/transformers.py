@@ -63,7 +63,7 @@ from hf_lars.integrations.callbacks import (
     find_trust_ratio_optimizer,
 )
 from hf_lars.integrations.lr_scaling import LrScalingArguments, apply_lr_scaling
-from hf_lars.optim._base import TrustRatioOptimizer
+from hf_lars.optim import TrustRatioOptimizer
 from hf_lars.registry import get_optimizer_info, list_optimizers
 
 __all__ = [

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim._adam import (
-    trust_ratio_step,
+from hf_lars.layout import StepLayout
+from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
     denominator_scalars,
@@ -16,9 +17,8 @@ from hf_lars.optim._adam import (
     init_adam_state,
     step_scalars,
 )
-from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
-from hf_lars.optim._work import StepTensors
-from hf_lars.optim.trust import StepLayout, adam_trust_ratio
+from hf_lars.optim.trust import adam_trust_ratio, trust_ratio_step
+from hf_lars.optim.working_copies import StepTensors
 
 __all__ = ["AdamLARS", "adam_lars", "check_betas", "check_trust_bounds"]
 
@@ -105,13 +105,12 @@ class AdamLARS(TrustRatioOptimizer):
         check_trust_bounds(group["trust_bounds"])
 
     def _step_group(
-        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
-    ) -> None:
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
         for p in stepped:
             init_adam_state(self.state[p], p)
         states = [self.state[p] for p in stepped]
-        foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
-        ratios = adam_lars(
+        return adam_lars(
             stepped,
             [p.grad for p in stepped],
             [s["exp_avg"] for s in states],
@@ -129,8 +128,6 @@ class AdamLARS(TrustRatioOptimizer):
             trust_bounds=group["trust_bounds"],
             foreach=foreach,
         )
-        if ratios is not None:
-            self._record_ratios(group, group_index, *ratios)
 
 
 def adam_lars(
@@ -178,7 +175,7 @@ def adam_lars(
             trust_bounds=trust_bounds,
         )
         work.write_back()
-        return None if ratios is None else ([layout.piece_layer[i] for i, a in enumerate(adapt) if a], ratios)
+        return None if ratios is None else (layout.select(adapt).layers, ratios)
     # The direction is elementwise: compute it on whole (local) tensors, one op each even for a flat ZeRO
     # partition holding many layers, and cut it into pieces only for the per-layer norms and the update.
     u = work.pieces(

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
-from hf_lars.optim._work import StepTensors
-from hf_lars.optim.trust import PieceSubset, StepLayout, lars_trust_ratio
+from hf_lars.layout import PieceSubset, StepLayout
+from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.trust import lars_trust_ratio
+from hf_lars.optim.working_copies import StepTensors
 
 __all__ = ["LARS", "lars"]
 
@@ -84,16 +85,15 @@ class LARS(TrustRatioOptimizer):
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
     def _step_group(
-        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
-    ) -> None:
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
         bufs: list[Tensor | None] = []
         for p in stepped:
             state = self.state[p]
             if group["momentum"] > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             bufs.append(state.get("momentum_buffer"))
-        foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
-        ratios = lars(
+        return lars(
             stepped,
             [p.grad for p in stepped],
             bufs,
@@ -108,8 +108,6 @@ class LARS(TrustRatioOptimizer):
             trust_clip=group["trust_clip"],
             foreach=foreach,
         )
-        if ratios is not None:
-            self._record_ratios(group, group_index, *ratios)
 
 
 def lars(

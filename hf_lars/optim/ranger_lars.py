@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim._adam import (
-    trust_ratio_step,
+from hf_lars.layout import StepLayout, install_grad_centralization_hooks
+from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
     denominator_scalars,
@@ -16,12 +17,11 @@ from hf_lars.optim._adam import (
     init_adam_state,
     step_scalars,
 )
-from hf_lars.optim._base import TrustRatioOptimizer, check_range, default_foreach
-from hf_lars.optim._work import StepTensors
 from hf_lars.optim.adam_lars import check_betas
-from hf_lars.optim.trust import StepLayout, adam_trust_ratio
+from hf_lars.optim.trust import adam_trust_ratio, trust_ratio_step
+from hf_lars.optim.working_copies import StepTensors
 
-__all__ = ["RangerLARS", "ranger_lars", "radam_rectification"]
+__all__ = ["RangerLARS", "ranger_lars", "radam_rectification", "centralize_gradient"]
 
 
 class RangerLARS(TrustRatioOptimizer):
@@ -107,22 +107,21 @@ class RangerLARS(TrustRatioOptimizer):
         if self.param_groups[-1]["use_gc"]:
             # Under ZeRO the step sees flat partitions, where rows are cut at arbitrary points: centre each
             # rank's gradient before reduction instead (GC is linear, so this is exact).  The hooks do
-            # nothing for parameters no sharding engine manages.
-            from hf_lars import sharding
-
-            sharding.install_grad_centralization_hooks(self._layers[-1])
+            # nothing for parameters no sharding engine manages.  TEMPORARY: hf_lars.sharding installs
+            # them through the plug-in in hf_lars.layout, until GC moves into step() (docs/design.md,
+            # "Gradient Centralization").
+            install_grad_centralization_hooks(self._layers[-1], centralize_gradient)
 
     def _step_group(
-        self, group: dict[str, Any], group_index: int, stepped: list[Tensor], layout: StepLayout, adapt: list[bool]
-    ) -> None:
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
         for p in stepped:
             state = self.state[p]
             if "slow_buffer" not in state:
                 init_adam_state(state, p)
                 state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
         states = [self.state[p] for p in stepped]
-        foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
-        ratios = ranger_lars(
+        return ranger_lars(
             stepped,
             [p.grad for p in stepped],
             [s["exp_avg"] for s in states],
@@ -142,8 +141,6 @@ class RangerLARS(TrustRatioOptimizer):
             rectify_threshold=group["rectify_threshold"],
             foreach=foreach,
         )
-        if ratios is not None:
-            self._record_ratios(group, group_index, *ratios)
 
 
 def radam_rectification(t: Tensor, beta2: float, threshold: float) -> tuple[Tensor, Tensor]:
@@ -157,8 +154,19 @@ def radam_rectification(t: Tensor, beta2: float, threshold: float) -> tuple[Tens
     return rectified, s
 
 
-def _centralize(g: Tensor) -> Tensor:
-    return g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
+def centralize_gradient(grad: Tensor) -> Tensor:
+    """Gradient Centralization (Yong et al. 2020): ``grad`` minus, per index along dim 0, its mean over the
+    other dims.
+
+    Computed in fp32 for bf16/fp16 (the result is cast back), in the gradient's own dtype otherwise.
+    Tensors with at most one dimension are returned unchanged.  The package's one GC function: the step
+    uses it on whole rows, and the temporary ZeRO hooks of :mod:`hf_lars.sharding` are handed it.
+    """
+    if grad.dim() <= 1:
+        return grad
+    wide = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+    centred = wide - wide.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+    return centred.to(grad.dtype)
 
 
 def ranger_lars(
@@ -189,7 +197,7 @@ def ranger_lars(
     centre = [use_gc and g.ndim > 1 and lay.whole_rows for g, lay in zip(work.grads, layout.layouts)]
     tensor_by_tensor = not foreach and layout.trivial
     if not tensor_by_tensor:
-        work.grads = [_centralize(g) if c else g for g, c in zip(work.grads, centre)]
+        work.grads = [centralize_gradient(g) if c else g for g, c in zip(work.grads, centre)]
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)
     t = torch.stack(steps)  # one value per stepped tensor (all pieces of a tensor share its step)
@@ -221,7 +229,7 @@ def ranger_lars(
             alpha=alpha,
         )
         work.write_back()
-        return None if ratios is None else ([layout.piece_layer[i] for i, a in enumerate(adapt) if a], ratios)
+        return None if ratios is None else (layout.select(adapt).layers, ratios)
     # The direction is elementwise: compute it on whole (local) tensors, one op each even for a flat ZeRO
     # partition holding many layers, and cut it into pieces only for the per-layer norms and the update.
     u = work.pieces(
@@ -283,7 +291,7 @@ def _tensor_by_tensor_ranger_lars(
     den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, rectified)
     ratios = []
     for i, (wi, gi, adapted) in enumerate(zip(w, g, adapt)):
-        centred = _centralize(gi) if centre[i] else None
+        centred = centralize_gradient(gi) if centre[i] else None
         u = adam_direction_piece(
             exp_avgs[i],
             exp_avg_sqs[i],

@@ -4,9 +4,13 @@ The optimizers in :mod:`hf_lars.optim` compute one trust ratio per *layer* (one 
 parameter).  What they step is not always a layer: FSDP2 hands them the local shard of a DTensor,
 DeepSpeed ZeRO-1/2/3 one flat fp32 partition per param group (or sub-group) holding contiguous pieces of
 many layers.  This package is the only code that reads those engines' internals; it turns each stepped
-tensor into a :class:`~hf_lars.optim.trust.TensorLayout` (``(layer, start, numel)`` segments plus the
+tensor into a :class:`~hf_lars.layout.TensorLayout` (``(layer, start, numel)`` segments plus the
 process group to all-reduce partial norms over).  Layouts are built once per set of stepped tensors and
 cached by the optimizer, so nothing here runs on the hot path.
+
+The optimizers never import this package: importing it (``import hf_lars`` does) registers
+:func:`tensor_layouts` as the layout resolver of :mod:`hf_lars.layout`, and, temporarily, the ZeRO
+Gradient Centralization hooks.  It imports only the layout contract and torch.
 
 Supported:
 
@@ -29,18 +33,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from hf_lars.optim.trust import TensorLayout
+from hf_lars.layout import TensorLayout, is_dtensor, register_grad_hook_installer, register_layout_resolver
 from hf_lars.sharding import fsdp, unsharded, zero, zero3
-from hf_lars.sharding._shape import layer_shape
-from hf_lars.sharding.grad_centralization import centralize_gradient, install_grad_centralization_hooks
+from hf_lars.sharding.grad_centralization import install_grad_centralization_hooks
+from hf_lars.sharding.zero3 import layer_shape
 
 __all__ = [
     "tensor_layouts",
     "layer_shape",
     "install_grad_centralization_hooks",
-    "centralize_gradient",
+    "is_dtensor",
     "is_deepspeed_zero_param",
 ]
 
@@ -73,7 +78,7 @@ def tensor_layouts(
     out: list[TensorLayout] = []
     for t in stepped:
         j = index.get(id(t))
-        if fsdp.is_dtensor(t):
+        if is_dtensor(t):
             if j is None:
                 j = unsharded.positional_layer(t, layers, group_params, positions, layer_shape)
             if j is None:
@@ -81,7 +86,7 @@ def tensor_layouts(
             out.append(fsdp.dtensor_layout(t, j))
             continue
         if j is not None:
-            out.append(unsharded.layer_layout(t, j, layers[j]))
+            out.append(unsharded.layer_layout(t, j))
             continue
         layout = zero3.flat_partition_layout(t, layers)
         if layout is None:
@@ -124,3 +129,18 @@ def _unrecognised(
         "fully_shard(model); an engine that replaces the parameters must keep group['params'] in the "
         "original order and shapes."
     )
+
+
+def _resolve(
+    stepped: Sequence[Tensor], layers: Sequence[Tensor], group_params: Sequence[Tensor]
+) -> tuple[list[TensorLayout], list[torch.Size]]:
+    """The resolver registered with :mod:`hf_lars.layout`: layouts and full layer shapes.
+
+    ``tensor_layouts`` is looked up when called, so tests and benchmarks that replace
+    ``hf_lars.sharding.tensor_layouts`` (e.g. with the naive "one tensor, one layer" map) still take effect.
+    """
+    return tensor_layouts(stepped, layers, group_params), [layer_shape(p) for p in layers]
+
+
+register_layout_resolver(_resolve)
+register_grad_hook_installer(install_grad_centralization_hooks)  # TEMPORARY: see grad_centralization

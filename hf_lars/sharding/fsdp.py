@@ -7,21 +7,11 @@ locally; partial norms are all-reduced over the sharded mesh dimension's process
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from hf_lars.optim.trust import Segment, TensorLayout
+from hf_lars.layout import Segment, TensorLayout
 
-__all__ = ["is_dtensor", "dtensor_layout"]
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor`."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+__all__ = ["dtensor_layout"]
 
 
 def dtensor_layout(t: Tensor, layer: int) -> TensorLayout:

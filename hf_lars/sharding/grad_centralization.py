@@ -1,4 +1,4 @@
-"""Gradient Centralization (Yong et al. 2020) before DeepSpeed ZeRO reduces the gradients.
+"""TEMPORARY: Gradient Centralization (Yong et al. 2020) before DeepSpeed ZeRO reduces the gradients.
 
 GC subtracts, for each output row (index along dim 0), the mean of that row's gradient.  A ZeRO flat
 partition cuts rows apart, so the optimizer cannot centre them inside ``step()``.  GC is linear, though:
@@ -9,6 +9,11 @@ DeepSpeed 0.19 registers as a post-accumulate-grad hook (``deepspeed/utils/torch
 
 The hooks decide at call time: they centre only parameters DeepSpeed partitions (ZeRO-1/2/3 and bf16),
 so plain, DDP and FSDP2 training are untouched (there the optimizer centres whole rows in its step).
+
+The centring function itself is the optimizer's (:func:`hf_lars.optim.ranger_lars.centralize_gradient`),
+handed in through :func:`hf_lars.layout.install_grad_centralization_hooks`, so there is one GC function
+and this package imports only the layout contract.  A later change moves GC into ``step()`` and deletes
+this module (docs/design.md, "Gradient Centralization").
 """
 
 from __future__ import annotations
@@ -20,25 +25,15 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from hf_lars.sharding._shape import layer_shape
 from hf_lars.sharding.zero import is_deepspeed_zero_param
+from hf_lars.sharding.zero3 import layer_shape
 
-__all__ = ["centralize_gradient", "install_grad_centralization_hooks"]
-
-
-def centralize_gradient(grad: Tensor) -> Tensor:
-    """``grad`` minus, for each index along dim 0, the mean over all other dims (computed in fp32).
-
-    Tensors with at most one dimension are returned unchanged.
-    """
-    if grad.dim() <= 1:
-        return grad
-    g32 = grad.float()
-    centred = g32 - g32.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
-    return centred.to(grad.dtype)
+__all__ = ["install_grad_centralization_hooks"]
 
 
-def _make_hook(param: Tensor, shape: torch.Size) -> Callable[[Tensor], Tensor | None]:
+def _make_hook(
+    param: Tensor, shape: torch.Size, centralize: Callable[[Tensor], Tensor]
+) -> Callable[[Tensor], Tensor | None]:
     ref = weakref.ref(param)
 
     def hook(grad: Tensor) -> Tensor | None:
@@ -51,19 +46,21 @@ def _make_hook(param: Tensor, shape: torch.Size) -> Callable[[Tensor], Tensor | 
                 f"{tuple(shape)} arrived with shape {tuple(grad.shape)}, so its rows cannot be centred.  Set "
                 "use_gc=False or report this with your DeepSpeed version."
             )
-        return centralize_gradient(grad)
+        return centralize(grad)
 
     return hook
 
 
-def install_grad_centralization_hooks(layers: Iterable[Tensor]) -> list[RemovableHandle]:
+def install_grad_centralization_hooks(
+    layers: Iterable[Tensor], centralize: Callable[[Tensor], Tensor]
+) -> list[RemovableHandle]:
     """Register a gradient-centring hook on every trainable layer with more than one dimension.
 
-    The hook centres the incoming gradient only when DeepSpeed ZeRO (or its bf16 optimizer) manages the
-    parameter, detected when the gradient arrives from the attributes DeepSpeed sets (``_hp_mapping``,
-    ``_z3_optimizer``); otherwise it returns ``None`` and leaves the gradient alone.  Install once, when
-    the optimizer is constructed (before ``deepspeed.initialize``, which registers its reduction hooks;
-    ours run first anyway, being pre-accumulation tensor hooks).
+    The hook applies ``centralize`` to the incoming gradient only when DeepSpeed ZeRO (or its bf16
+    optimizer) manages the parameter, detected when the gradient arrives from the attributes DeepSpeed
+    sets (``_hp_mapping``, ``_z3_optimizer``); otherwise it returns ``None`` and leaves the gradient alone.
+    Install once, when the optimizer is constructed (before ``deepspeed.initialize``, which registers its
+    reduction hooks; ours run first anyway, being pre-accumulation tensor hooks).
 
     Returns:
         The hook handles; ``handle.remove()`` uninstalls one.
@@ -73,5 +70,5 @@ def install_grad_centralization_hooks(layers: Iterable[Tensor]) -> list[Removabl
         shape = layer_shape(p)
         if not p.requires_grad or len(shape) <= 1:
             continue
-        handles.append(p.register_hook(_make_hook(p, shape)))
+        handles.append(p.register_hook(_make_hook(p, shape, centralize)))
     return handles

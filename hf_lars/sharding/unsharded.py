@@ -7,14 +7,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hf_lars.optim.trust import TensorLayout
+from hf_lars.layout import TensorLayout
 
 __all__ = ["layer_layout", "positional_layer"]
 
 
-def layer_layout(t: Tensor, layer: int, original: Tensor) -> TensorLayout:
-    """``t`` is the original parameter ``layer`` itself: the trivial layout (or a DTensor's, see :mod:`.fsdp`)."""
-    del original  # the same object as ``t``
+def layer_layout(t: Tensor, layer: int) -> TensorLayout:
+    """``t`` is the original parameter ``layer`` itself: the trivial layout (a DTensor's is in :mod:`.fsdp`)."""
     return TensorLayout.of_layer(layer, t)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hf_lars.optim.trust import Segment, TensorLayout
+from hf_lars.layout import Segment, TensorLayout
 
 __all__ = ["flat_partition_layout", "is_deepspeed_zero_param"]
 

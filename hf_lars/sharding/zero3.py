@@ -18,11 +18,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.optim.trust import Segment, TensorLayout
+from hf_lars.layout import Segment, TensorLayout
 
-__all__ = ["flat_partition_layout", "real_partition_numel"]
+__all__ = ["flat_partition_layout", "layer_shape", "real_partition_numel"]
 
 _REQUIRED = ("fp32_partitioned_groups_flat", "fp16_groups", "grad_position", "get_param_id")
+
+
+def layer_shape(p: Tensor) -> torch.Size:
+    """The full logical shape of an original parameter, however it is sharded.
+
+    ``p.ds_shape`` for a DeepSpeed ZeRO-3 parameter (whose ``p.shape`` is an empty placeholder outside
+    forward/backward); otherwise ``p.shape`` (for a DTensor that is already the global shape).
+    """
+    ds_shape = getattr(p, "ds_shape", None)
+    if ds_shape is not None:
+        return torch.Size(ds_shape)
+    return p.shape
 
 
 def real_partition_numel(ds_numel: int, partition_numel: int, rank: int) -> int:

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 import hf_lars.sharding
 from hf_lars import LARS, AdamLARS, RangerLARS
-from hf_lars.optim.trust import Segment, TensorLayout
-from hf_lars.sharding.fsdp import is_dtensor
+from hf_lars.layout import Segment, TensorLayout
+from hf_lars.optim.ranger_lars import centralize_gradient
+from hf_lars.sharding import is_dtensor
 
 STEPS = 6
 # Per-case limits: the first DeepSpeed case may JIT-build DeepSpeed's shared-memory op (~30 s to 2 min).
@@ -137,7 +138,7 @@ def reference_run(opt_name: str, model_name: str, split: bool, batches: list, bf
             for i, (p, _) in enumerate(pairs):
                 grad = p.grad
                 if gc:  # what the Gradient Centralization hooks do to each rank's gradient under ZeRO
-                    grad = hf_lars.sharding.centralize_gradient(grad)
+                    grad = centralize_gradient(grad)
                 part = grad / world
                 total[i] = part if total[i] is None else total[i] + part
                 p.grad = None

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hf_lars import sharding
-from hf_lars.optim.trust import StepLayout
+from hf_lars.layout import StepLayout
+from hf_lars.optim.ranger_lars import centralize_gradient
 
 
 class Probe(torch.optim.Optimizer):
@@ -70,7 +71,7 @@ def reference(model_name: str, batch: tuple[Tensor, Tensor], gc: bool) -> tuple[
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     if gc:
-        grads = {n: sharding.centralize_gradient(g) for n, g in grads.items()}
+        grads = {n: centralize_gradient(g) for n, g in grads.items()}
     return weights, grads
 
 
@@ -85,7 +86,7 @@ def run_deepspeed(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor])
         model = C.make_model(case["model"])
     probe = Probe(C.param_groups(model, split=case.get("split", True)))
     hooks = case.get("gc") is True  # "reference": only the reference is centred (a control)
-    handles = sharding.install_grad_centralization_hooks(list(model.parameters())) if hooks else []
+    handles = sharding.install_grad_centralization_hooks(list(model.parameters()), centralize_gradient) if hooks else []
     engine = C.deepspeed_engine(model, probe, config)
     x, y = C.local_slice(batch, rank)
     x = x.to(next(engine.module.parameters()).dtype)
@@ -117,7 +118,7 @@ def run_fsdp2(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor]) -> 
         C.fsdp2_shard(model)
         probe = Probe(C.param_groups(model, split=case.get("split", True)))
     # Under FSDP2 the hooks must leave gradients alone (the optimizer centres whole rows itself).
-    handles = sharding.install_grad_centralization_hooks(list(model.parameters())) if case.get("hooks") else []
+    handles = sharding.install_grad_centralization_hooks(list(model.parameters()), centralize_gradient) if case.get("hooks") else []
     x, y = C.local_slice(batch, rank)
     C.loss_fn(model(x), y).backward()
     probe.step()

@@ -1,4 +1,8 @@
-"""The working tensors of one group's step: local shards, fp32 copies of low-precision tensors, pieces."""
+"""The working tensors of one group's step: local shards, fp32 copies of low-precision tensors, pieces.
+
+All update math runs in fp32 (docs/design.md, "Mixed precision"); this module is where bf16/fp16 (and fp64)
+parameters meet that rule.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hf_lars.optim.trust import StepLayout
+from hf_lars.layout import StepLayout
 
-__all__ = ["StepTensors", "apply_update"]
+__all__ = ["StepTensors"]
 
 
 def _fp32(t: Tensor) -> Tensor:
-    """Non-fp32 tensors (bf16, fp16, and fp64 too: DESIGN keeps all update math in fp32) as fp32 copies."""
+    """Non-fp32 tensors (bf16, fp16, and fp64 too: docs/design.md keeps all update math in fp32) as fp32 copies."""
     return t if t.dtype == torch.float32 else t.float()
 
 
@@ -49,17 +53,3 @@ class StepTensors:
             if p is not w:
                 p.copy_(w)
 
-
-def apply_update(weights: list[Tensor], updates: list[Tensor], scale: Tensor | float, foreach: bool) -> None:
-    """``w += scale * u`` per piece; ``scale`` is one number or a tensor with one value per piece."""
-    if isinstance(scale, Tensor):
-        if foreach:
-            torch._foreach_addcmul_(weights, updates, list(scale.unbind(0)))
-        else:
-            for i, (w, u) in enumerate(zip(weights, updates)):
-                w.addcmul_(u, scale[i])
-    elif foreach:
-        torch._foreach_add_(weights, updates, alpha=scale)
-    else:
-        for w, u in zip(weights, updates):
-            w.add_(u, alpha=scale)

@@ -1,9 +1,10 @@
-"""What LARS, AdamLARS and RangerLARS share outside their update rules.
+"""The public base class of LARS, AdamLARS and RangerLARS: everything they share outside their update rules.
 
 Param-group validation, the original layers of each group (so a sharding engine that swaps
 ``group["params"]`` for flat partitions can still be mapped back to layers), the per-step
-:class:`~hf_lars.optim.trust.StepLayout`, per-layer ``exclude_1d`` decisions, and the last step's trust
-ratios.  The update rules themselves are pure functions in each optimizer's module.
+:class:`~hf_lars.layout.StepLayout` (asked of :func:`hf_lars.layout.resolve_layouts`), per-layer
+``exclude_1d`` decisions, the ``step()`` loop, and the last step's trust ratios.  The update rules
+themselves are pure functions in each optimizer's module.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_lars.optim.trust import NORMS_PER_LAYER, StepLayout, TensorLayout
+from hf_lars.layout import NORMS_PER_LAYER, StepLayout, resolve_layouts
 
 __all__ = ["TrustRatioOptimizer", "check_range", "default_foreach"]
 
@@ -60,7 +61,11 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
 
 
 class TrustRatioOptimizer(Optimizer, abc.ABC):
-    """Base class: see the module docstring.  Subclasses implement ``_validate_group`` and ``_step_group``."""
+    """Base class: see the module docstring.  Subclasses implement ``_validate_group`` and ``_step_group``.
+
+    Integrations that need "any hf_lars optimizer" (callbacks reading :meth:`trust_ratios`, the Trainer
+    front door) test ``isinstance(optimizer, TrustRatioOptimizer)``.
+    """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._layers: list[list[Tensor]] = []
@@ -143,7 +148,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         if cached is not None and all(a is b for a, b in zip(cached[0], stepped)):  # ids can be reused
             return cached[1], cached[2], cached[3]
         layers = self._layers[group_index]
-        layouts, shapes = _resolve_layouts(stepped, layers, group["params"])
+        layouts, shapes = resolve_layouts(stepped, layers, group["params"])
         layout = StepLayout(layouts, num_layers=len(layers))
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
         join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
@@ -175,14 +180,14 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
     # ----------------------------------------------------------------------------------------- step
     @abc.abstractmethod
     def _step_group(
-        self,
-        group: dict[str, Any],
-        group_index: int,
-        stepped: list[Tensor],
-        layout: StepLayout,
-        adapt: list[bool],
-    ) -> None:
-        """Step the group's ``stepped`` tensors (cut into ``layout``'s pieces; ``adapt`` per piece)."""
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
+        """Create missing state, then step the group's ``stepped`` tensors with the rule's functional form.
+
+        ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio, and
+        ``foreach`` picks the implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
+        rank holds, or ``None`` when it holds none; :meth:`step` records them for :meth:`trust_ratios`.
+        """
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -213,30 +218,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if join and not any(adapt):
                 # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
                 layout.select(adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
-            if layout.num_pieces:
-                self._step_group(group, group_index, stepped, layout, adapt)
+            if not layout.num_pieces:
+                continue
+            foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
+            ratios = self._step_group(group, stepped, layout, adapt, foreach)
+            if ratios is not None:
+                self._record_ratios(group, group_index, *ratios)
         return loss
 
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _resolve_layouts(
-    stepped: list[Tensor], layers: list[Tensor], group_params: list[Tensor]
-) -> tuple[list[TensorLayout], list[torch.Size]]:
-    """Layouts of the stepped tensors and the full shape of every layer of the group.
-
-    Plain tensors that are the group's own parameters need nothing from :mod:`hf_lars.sharding`; anything
-    else (DTensors, ZeRO flat partitions) is resolved there.
-    """
-    index = {id(p): i for i, p in enumerate(layers)}
-    if all(id(t) in index and not _is_dtensor(t) for t in stepped):
-        return [TensorLayout.of_layer(index[id(t)], t) for t in stepped], [p.shape for p in layers]
-    from hf_lars import sharding
-
-    return sharding.tensor_layouts(stepped, layers, group_params), [sharding.layer_shape(p) for p in layers]

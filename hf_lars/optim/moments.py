@@ -1,12 +1,14 @@
-"""The Adam moment update shared by AdamLARS and RangerLARS (per-tensor and foreach forms)."""
+"""Adam's moments, direction and per-step scalars, shared by AdamLARS and RangerLARS.
+
+The direction is elementwise, so it runs on whole (local) tensors, per tensor or foreach; the per-layer
+part of those rules (the LAMB-form trust-ratio step) is :func:`hf_lars.optim.trust.trust_ratio_step`.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from hf_lars.optim._work import apply_update
-from hf_lars.optim.trust import StepLayout, adam_trust_ratio
 
 __all__ = [
     "adam_direction",
@@ -15,7 +17,6 @@ __all__ = [
     "init_adam_state",
     "increment_steps",
     "step_scalars",
-    "trust_ratio_step",
 ]
 
 
@@ -129,6 +130,7 @@ def init_adam_state(state: dict, p: Tensor) -> None:
 
 
 def increment_steps(steps: list[Tensor], foreach: bool) -> None:
+    """``step += 1`` for each tensor step count (on the device: no host sync)."""
     if foreach:
         torch._foreach_add_(steps, 1)
     else:
@@ -144,44 +146,3 @@ def step_scalars(t: Tensor) -> Tensor:
     t = 5).  Computed on the device, so still no host sync; callers cast the results back to float32.
     """
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
-
-
-def trust_ratio_step(
-    layout: StepLayout,
-    adapt: list[bool],
-    weights: list[Tensor],
-    directions: list[Tensor],
-    *,
-    scale: Tensor | float,
-    weight_decay: float,
-    trust_clip: bool = False,
-    trust_bounds: tuple[float, float] | None = None,
-    foreach: bool,
-) -> tuple[list[int], Tensor] | None:
-    r"""The LAMB-form update shared by AdamLARS and RangerLARS, per piece.
-
-    Adapted pieces: :math:`u = r + \lambda w`, :math:`\phi = \|w\|/\|u\|` per layer (one collective under
-    sharding), :math:`w \mathrel{+}= \text{scale}\cdot\phi\, u`; the others: :math:`w \mathrel{+}= \text{scale}\cdot r`.
-    ``scale`` is ``-lr`` or a per-piece tensor (RangerLARS's ``-lr * s``).  Returns the adapted layers' ids and
-    ratios, or ``None`` when this rank holds no adapted piece.
-    """
-    adapted = layout.select(adapt)
-    plain = layout.select([not a for a in adapt])
-    result = None
-    if len(adapted):
-        w_a, u_a = adapted.take(weights), adapted.take(directions)
-        if weight_decay != 0:
-            if foreach:
-                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
-            else:
-                for ui, wi in zip(u_a, w_a):
-                    ui.add_(wi, alpha=weight_decay)
-        norms = adapted.norms(w_a, u_a, foreach=foreach)
-        ratio = adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)
-        step_scale = adapted.take_vector(scale) if isinstance(scale, Tensor) else scale
-        apply_update(w_a, u_a, ratio * step_scale, foreach)
-        result = (adapted.layers, ratio)
-    if len(plain):
-        step_scale = plain.take_vector(scale) if isinstance(scale, Tensor) else scale
-        apply_update(plain.take(weights), plain.take(directions), step_scale, foreach)
-    return result
