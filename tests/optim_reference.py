@@ -1,4 +1,4 @@
-"""Independent reference implementations of the three update rules of DESIGN.md ("The update rules").
+"""Independent reference implementations of the three update rules of docs/design.md ("The update rules").
 
 Written from the formulas, not from ``hf_lars``: one layer at a time, plain Python loops, every tensor in
 float64 and every scalar (step counts, ``beta**t``, ``rho_t``, norms, ratios) a Python float, i.e. IEEE
@@ -32,7 +32,7 @@ __all__ = [
 
 
 def resolve_adapt(shape: Sequence[int], exclude_1d: bool, adapt: bool | None) -> bool:
-    """Whether a layer gets the trust ratio and weight decay (DESIGN: excluded layers get neither)."""
+    """Whether a layer gets the trust ratio and weight decay (docs/design.md, "The update rules": excluded layers get neither)."""
     if adapt is not None:
         return adapt
     return len(shape) > 1 if exclude_1d else True
@@ -44,7 +44,7 @@ def _norm(x: Tensor) -> float:
 
 
 def _ratio(num: float, den: float, w_norm: float, other_norm: float) -> float:
-    """``num / den``, or 1 where either norm is 0 (DESIGN: never NaN, never a zero step)."""
+    """``num / den``, or 1 where either norm is 0 (docs/design.md, "The update rules": never NaN, never a zero step)."""
     if w_norm == 0.0 or other_norm == 0.0:
         return 1.0
     return num / den
@@ -97,7 +97,7 @@ class ReferenceOptimizer:
 
 
 class ReferenceLARS(ReferenceOptimizer):
-    """DESIGN.md, LARS::
+    """docs/design.md ("The update rules"), LARS::
 
         d   = g + wd * w
         rho = eta * ||w|| / (||g|| + wd * ||w|| + eps)      (1 if a norm is 0; trust_clip: min(rho, 1))
@@ -145,7 +145,7 @@ def _adam_moments(st: dict[str, Any], g: Tensor, beta1: float, beta2: float) -> 
 
 
 class ReferenceAdamLARS(ReferenceOptimizer):
-    """DESIGN.md, Adam-LARS (LAMB)::
+    """docs/design.md ("The update rules"), Adam-LARS (LAMB)::
 
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g ;  m^ = m/(1-b1^t) ;  v^ = v/(1-b2^t)
         u = m^ / (sqrt(v^) + eps) + wd * w
@@ -180,7 +180,7 @@ class ReferenceAdamLARS(ReferenceOptimizer):
 
 
 class ReferenceRangerLARS(ReferenceOptimizer):
-    """DESIGN.md, Ranger-LARS::
+    """docs/design.md ("The update rules"), Ranger-LARS::
 
         g = g - mean(g over all dims but 0)     (GC, only for tensors with ndim > 1)
         m, v, m^, v^ as in Adam-LARS

@@ -1,7 +1,7 @@
 """Launch-time LR scaling (``hf_lars.integrations.lr_scaling``): ``--lr_scaling``, ``--lr_scaling_ref_batch``,
 ``--b_noise``.
 
-The expected LRs are written out from the laws (DESIGN.md, "Schedules and scaling laws"), not computed with
+The expected LRs are written out from the laws (docs/design.md, "Schedules and scaling laws"), not computed with
 ``hf_lars.scaling.scaled_lr``, so a mistake there shows up here too.
 """
 

@@ -3,9 +3,9 @@
 Tolerances (float64 parameters; the only dtype compared with the references):
 
 * weights and state: ``RTOL = 1e-6`` of each tensor's scale (see :func:`optim_cases.assert_close_scaled`).
-  Where the error comes from: DESIGN.md takes norms in fp32; the state is fp32; the per-step scalar factors
+  Where the error comes from: docs/design.md ("The update rules") takes norms in fp32; the state is fp32; the per-step scalar factors
   come from fp32 step tensors (carrying ~1e-7 relative error once computed); and float64 weights are
-  stepped through fp32 working copies (``hf_lars/optim/_work.py``), i.e. rounded to ~6e-8 each step.
+  stepped through fp32 working copies (``hf_lars/optim/working_copies.py``), i.e. rounded to ~6e-8 each step.
   Over 12 steps that accumulates to a few 1e-7.  The inputs use learning rates large enough that every
   step moves the weights by >= ~1e-3 (mostly ~5%) of their scale, so 1e-6 still checks each update to
   three or more significant digits.

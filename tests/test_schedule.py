@@ -17,7 +17,7 @@ W, T = 5, 23  # warmup and total steps used throughout; T - W is not a round num
 
 
 def _reference_lr(t: int, W: int, T: int, lr0: float, power: float, lr_end: float, warmup: str, ws: float) -> float:
-    """The formula of DESIGN.md, written independently of the implementation."""
+    """The formula of docs/design.md ("Schedules and scaling laws"), written independently of the implementation."""
     if t < W:
         return lr0 * (ws + (1 - ws) * t / W) if warmup == "linear" else lr0 * ws
     if t >= T:
