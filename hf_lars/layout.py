@@ -33,6 +33,7 @@ __all__ = [
     "is_dtensor",
     "register_layout_resolver",
     "resolve_layouts",
+    "GradHookInstaller",
     "register_grad_hook_installer",
     "install_grad_centralization_hooks",
 ]
