@@ -2,8 +2,8 @@
 
 Modules: :mod:`.base` (the public base class :class:`TrustRatioOptimizer`), :mod:`.trust` (ratios and the
 LAMB-form step), :mod:`.moments` (Adam's moments and per-step scalars), :mod:`.working_copies` (fp32 copies
-of low-precision tensors), and one module per rule.  Nothing here imports :mod:`hf_lars.sharding` or
-:mod:`hf_lars.integrations`: layouts come from :func:`hf_lars.layout.resolve_layouts`.
+of low-precision tensors), and one module per rule.  Nothing here imports the ``sharding/`` or
+``integrations/`` packages: layouts come from :func:`hf_lars.layout.resolve_layouts`.
 """
 
 from hf_lars.optim.adam_lars import AdamLARS

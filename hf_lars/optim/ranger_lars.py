@@ -107,7 +107,7 @@ class RangerLARS(TrustRatioOptimizer):
         if self.param_groups[-1]["use_gc"]:
             # Under ZeRO the step sees flat partitions, where rows are cut at arbitrary points: centre each
             # rank's gradient before reduction instead (GC is linear, so this is exact).  The hooks do
-            # nothing for parameters no sharding engine manages.  TEMPORARY: hf_lars.sharding installs
+            # nothing for parameters no sharding engine manages.  TEMPORARY: the sharding package installs
             # them through the plug-in in hf_lars.layout, until GC moves into step() (docs/design.md,
             # "Gradient Centralization").
             install_grad_centralization_hooks(self._layers[-1], centralize_gradient)
@@ -160,7 +160,7 @@ def centralize_gradient(grad: Tensor) -> Tensor:
 
     Computed in fp32 for bf16/fp16 (the result is cast back), in the gradient's own dtype otherwise.
     Tensors with at most one dimension are returned unchanged.  The package's one GC function: the step
-    uses it on whole rows, and the temporary ZeRO hooks of :mod:`hf_lars.sharding` are handed it.
+    uses it on whole rows, and the temporary ZeRO hooks of the sharding package are handed it.
     """
     if grad.dim() <= 1:
         return grad

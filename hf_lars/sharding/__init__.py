@@ -1,6 +1,6 @@
 """Layer maps: which pieces of which layers each tensor an optimizer steps holds.
 
-The optimizers in :mod:`hf_lars.optim` compute one trust ratio per *layer* (one original model
+The optimizers (``optim/``) compute one trust ratio per *layer* (one original model
 parameter).  What they step is not always a layer: FSDP2 hands them the local shard of a DTensor,
 DeepSpeed ZeRO-1/2/3 one flat fp32 partition per param group (or sub-group) holding contiguous pieces of
 many layers.  This package is the only code that reads those engines' internals; it turns each stepped

@@ -10,7 +10,7 @@ DeepSpeed 0.19 registers as a post-accumulate-grad hook (``deepspeed/utils/torch
 The hooks decide at call time: they centre only parameters DeepSpeed partitions (ZeRO-1/2/3 and bf16),
 so plain, DDP and FSDP2 training are untouched (there the optimizer centres whole rows in its step).
 
-The centring function itself is the optimizer's (:func:`hf_lars.optim.ranger_lars.centralize_gradient`),
+The centring function itself is RangerLARS's (``optim/ranger_lars.py``: ``centralize_gradient``),
 handed in through :func:`hf_lars.layout.install_grad_centralization_hooks`, so there is one GC function
 and this package imports only the layout contract.  A later change moves GC into ``step()`` and deletes
 this module (docs/design.md, "Gradient Centralization").
