@@ -17,7 +17,12 @@ __all__ = [
     "init_adam_state",
     "increment_steps",
     "step_scalars",
+    "step_scalar_dtype",
 ]
+
+# Device types whose kernels support float64 at full speed for a handful of scalars.  MPS has no float64;
+# XLA (TPU) and XPU emulate or reject it; anything not known to be fine gets float32.
+_FLOAT64_DEVICE_TYPES = frozenset({"cpu", "cuda", "meta"})
 
 
 def adam_direction(
@@ -138,11 +143,17 @@ def increment_steps(steps: list[Tensor], foreach: bool) -> None:
             s.add_(1)
 
 
+def step_scalar_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 where the device runs it natively (cpu, cuda; ROCm is ``cuda``), float32 elsewhere (mps,
+    xla, xpu, hpu, privateuse1, ...)."""
+    return torch.float64 if torch.device(device).type in _FLOAT64_DEVICE_TYPES else torch.float32
+
+
 def step_scalars(t: Tensor) -> Tensor:
-    """Step counts in float64 for the per-step scalars (``1 - beta**t``, RAdam's ``rho_t``); MPS: float32.
+    """Step counts in the per-step scalars' dtype (:func:`step_scalar_dtype`; float64 on cpu and cuda).
 
     Both lose digits to cancellation in float32: ``1 - 0.999**t`` carries ~1e-5 relative error and ``rho_t``
     ~0.04 absolute for ``beta2 = 0.999`` (0.2 for 0.9995, which flips RAdam's rectification threshold at
     t = 5).  Computed on the device, so still no host sync; callers cast the results back to float32.
     """
-    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+    return t.to(step_scalar_dtype(t.device))

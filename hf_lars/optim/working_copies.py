@@ -6,14 +6,47 @@ parameters meet that rule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from hf_lars.layout import StepLayout
 
-__all__ = ["StepTensors"]
+__all__ = ["StepTensors", "unscaled_gradients"]
+
+# The inverse loss scale of the step in progress (None: gradients carry no scale); set by the base class's
+# step() from GradScaler's ``grad_scale`` for the duration of one group's update.
+_inv_scale: Tensor | None = None
+
+
+@contextlib.contextmanager
+def unscaled_gradients(grad_scale: Tensor | None) -> Iterator[None]:
+    """Inside this block, :class:`StepTensors` divides gradients by ``grad_scale`` (a device tensor).
+
+    The division happens on the fp32 working gradients, one ``_foreach_mul`` by ``1 / grad_scale`` per
+    device, so ``p.grad`` is never written and the host never reads the scale.
+    """
+    global _inv_scale
+    previous = _inv_scale
+    _inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+    try:
+        yield
+    finally:
+        _inv_scale = previous
+
+
+def _unscale(grads: list[Tensor], originals: Sequence[Tensor], inv_scale: Tensor) -> list[Tensor]:
+    """``grads / scale`` without writing the caller's gradients (fp32 copies are scaled in place)."""
+    by_device: dict[torch.device, Tensor] = {}
+    out = []
+    for g, original in zip(grads, originals):
+        inv = by_device.get(g.device)
+        if inv is None:
+            inv = by_device[g.device] = inv_scale.to(g.device, non_blocking=True)
+        out.append(g.mul_(inv) if g is not original else g * inv)
+    return out
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -33,11 +66,18 @@ class StepTensors:
         self.layout = layout
         self._params = layout.local(params)
         self.weights = [_fp32(p) for p in self._params]
-        self.grads = [_fp32(g) for g in layout.local(grads)]
+        local_grads = layout.local(grads)
+        self.grads = [_fp32(g) for g in local_grads]
+        if _inv_scale is not None:
+            self.grads = _unscale(self.grads, local_grads, _inv_scale)
 
     def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`)."""
-        return self.layout.pieces(local_tensors)
+        """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`).
+
+        The views of tensors that live across steps (fp32 parameters) are cut once per layout and cached.
+        """
+        stable = local_tensors is self.weights and all(w is p for w, p in zip(self.weights, self._params))
+        return self.layout.pieces(local_tensors, cache=stable)
 
     def state_local(self, state: Sequence[Tensor]) -> list[Tensor]:
         """Optimizer state tensors (possibly DTensors) parallel to the stepped ones, as local tensors."""
@@ -45,7 +85,7 @@ class StepTensors:
 
     def state_pieces(self, state: Sequence[Tensor]) -> list[Tensor]:
         """Pieces of optimizer state tensors (fp32, possibly DTensors) parallel to the stepped ones."""
-        return self.layout.pieces(self.layout.local(state))
+        return self.layout.pieces(self.layout.local(state), cache=True)
 
     def write_back(self) -> None:
         """Cast updated fp32 copies back into low-precision parameters."""
