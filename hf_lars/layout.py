@@ -34,6 +34,7 @@ __all__ = [
     "LayoutResolver",
     "is_dtensor",
     "collective_device",
+    "expand_scalars",
     "group_device_types",
     "register_layout_resolver",
     "resolve_layouts",
@@ -241,8 +242,9 @@ class PieceSubset:
         if not self.idx:
             partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=self.layout.device)
             return partial if self.layout.process_group is None else self._reduce(partial)
-        if foreach:
-            partial = torch.stack([torch.stack(torch._foreach_norm(list(pl), 2, dtype=torch.float32)) for pl in piece_lists])
+        if foreach:  # one _foreach_norm and one stack for all lists: two kernels on CUDA, not 2 + 2 per list
+            flat = [x for pl in piece_lists for x in pl]
+            partial = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).view(len(piece_lists), -1)
         else:
             partial = torch.stack(
                 [torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in pl]) for pl in piece_lists]
@@ -277,6 +279,37 @@ class PieceSubset:
 
 # A layout keeps the piece views of this many stable tensor lists (weights and up to three state buffers).
 _MAX_CACHED_VIEW_SETS = 8
+
+
+_REPEATS: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+_MAX_REPEATS = 64
+
+
+def expand_scalars(values: Tensor, like: Sequence[Tensor]) -> Any:
+    """``values[i]`` broadcast to the shape of ``like[i]``, as dense tensors: one kernel for the whole list.
+
+    ``values`` of shape ``[n]`` gives one list; ``[k, n]`` gives ``k`` lists (one expansion for all).
+
+    CUDA's multi-tensor fast path takes a foreach op only when, index by index, its tensor lists agree in
+    shape and strides: a list of 0-d tensors (one trust ratio per layer) paired with a list of matrices
+    falls back to one kernel per tensor.  One ``repeat_interleave`` into a flat buffer, split into views
+    shaped like ``like``, puts every per-layer value back on the fast path, for one transient fp32 buffer of
+    the list's size (torch's foreach AdamW makes as large a temporary for its denominator).  The values are
+    copied, not recomputed, so the result is bit-identical to multiplying by each 0-d value.
+    """
+    numels = tuple(t.numel() for t in like)
+    key = (values.device, numels)
+    repeats = _REPEATS.get(key) if type(values) is Tensor else None  # never cache fake or traced tensors
+    if repeats is None:  # one host-to-device copy per list shape, not per step
+        repeats = torch.tensor(numels, dtype=torch.long, device=values.device)
+        if type(values) is Tensor:
+            if len(_REPEATS) >= _MAX_REPEATS:
+                _REPEATS.pop(next(iter(_REPEATS)))
+            _REPEATS[key] = repeats
+    flat = torch.repeat_interleave(values, repeats, dim=-1, output_size=sum(numels))
+    if values.dim() == 1:
+        return [piece.view(t.shape) for piece, t in zip(flat.split(numels), like)]
+    return [[piece.view(t.shape) for piece, t in zip(row.split(numels), like)] for row in flat.unbind(0)]
 
 
 def group_device_types(group: Any) -> list[str]:

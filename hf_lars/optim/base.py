@@ -205,11 +205,15 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         self._invalidate_layouts()
 
     # ----------------------------------------------------------------------------------------- step
+    def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
+        """Create the missing state of ``stepped`` (lazily, torch's key names).  Called by :meth:`step`
+        before :meth:`_step_group`, so that a step GradScaler skips can be undone to exactly this state."""
+
     @abc.abstractmethod
     def _step_group(
         self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
     ) -> tuple[list[int], Tensor] | None:
-        """Create missing state, then step the group's ``stepped`` tensors with the rule's functional form.
+        """Step the group's ``stepped`` tensors (state exists: :meth:`_init_state`) with the rule's functional form.
 
         ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio, and
         ``foreach`` picks the implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
@@ -273,6 +277,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if not layout.num_pieces:
                 continue
             foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
+            self._init_state(group, stepped)
             saved = _save_for_skip(stepped, self.state, layout) if found_inf is not None else None
             with unscaled_gradients(grad_scale):
                 ratios = self._step_group(group, stepped, layout, adapt, foreach)
@@ -311,7 +316,7 @@ def _save_for_skip(
 
     GradScaler's skip must happen without reading ``found_inf`` on the host, so the step runs and is then
     undone on the device.  Costs one transient copy of the group's parameters and state (what torch's
-    fused kernels avoid by testing the flag inside the kernel); state created by this step is left in place.
+    fused kernels avoid by testing the flag inside the kernel).  State exists already (:meth:`_init_state`).
     """
     saved = []
     for p in stepped:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hf_lars.layout import expand_scalars
+
 
 __all__ = [
     "adam_direction",
@@ -60,9 +62,10 @@ def adam_direction(
         denom = torch._foreach_sqrt(exp_avg_sqs)
         if scale is None:
             torch._foreach_add_(denom, eps)
-        else:
-            torch._foreach_mul_(denom, list(scale.unbind(0)))
-            torch._foreach_add_(denom, list(shift.unbind(0)))
+        else:  # per-tensor scalars broadcast once (expand_scalars): on CUDA's multi-tensor fast path
+            scale_full, shift_full = expand_scalars(torch.stack([scale, shift]), denom)
+            torch._foreach_mul_(denom, scale_full)
+            torch._foreach_add_(denom, shift_full)
         return list(torch._foreach_div(exp_avgs, denom))
 
     return [
@@ -116,8 +119,7 @@ def denominator_scalars(
     given = [x for x in (bc1, bc2, rectified) if x is not None]
     if not given:
         return None, None
-    one = torch.ones(n, dtype=torch.float32, device=given[0].device)
-    c1 = one if bc1 is None else bc1
+    c1 = torch.ones(n, dtype=torch.float32, device=given[0].device) if bc1 is None else bc1
     scale = c1 if bc2 is None else c1 / bc2.sqrt()
     shift = c1 * eps
     if rectified is not None:

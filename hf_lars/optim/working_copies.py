@@ -49,9 +49,18 @@ def _unscale(grads: list[Tensor], originals: Sequence[Tensor], inv_scale: Tensor
     return out
 
 
-def _fp32(t: Tensor) -> Tensor:
-    """Non-fp32 tensors (bf16, fp16, and fp64 too: docs/design.md keeps all update math in fp32) as fp32 copies."""
-    return t if t.dtype == torch.float32 else t.float()
+def _fp32(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Non-fp32 tensors (bf16, fp16, and fp64 too: docs/design.md keeps all update math in fp32) as fp32
+    copies, fp32 ones as themselves.  The copies are made by one ``_foreach_copy_`` (one kernel on CUDA for
+    the whole list, not one cast per tensor)."""
+    out = list(tensors)
+    low = [i for i, t in enumerate(out) if t.dtype != torch.float32]
+    if low:
+        copies = [torch.empty_like(out[i], dtype=torch.float32) for i in low]
+        torch._foreach_copy_(copies, [out[i] for i in low])
+        for i, c in zip(low, copies):
+            out[i] = c
+    return out
 
 
 class StepTensors:
@@ -65,9 +74,9 @@ class StepTensors:
     def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor], layout: StepLayout) -> None:
         self.layout = layout
         self._params = layout.local(params)
-        self.weights = [_fp32(p) for p in self._params]
+        self.weights = _fp32(self._params)
         local_grads = layout.local(grads)
-        self.grads = [_fp32(g) for g in local_grads]
+        self.grads = _fp32(local_grads)
         if _inv_scale is not None:
             self.grads = _unscale(self.grads, local_grads, _inv_scale)
 
@@ -89,7 +98,7 @@ class StepTensors:
 
     def write_back(self) -> None:
         """Cast updated fp32 copies back into low-precision parameters."""
-        for p, w in zip(self._params, self.weights):
-            if p is not w:
-                p.copy_(w)
+        pairs = [(p, w) for p, w in zip(self._params, self.weights) if p is not w]
+        if pairs:  # one _foreach_copy_ for the whole list
+            torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
 
