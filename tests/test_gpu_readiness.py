@@ -290,3 +290,18 @@ def test_step_inside_cuda_graph_capture_is_refused(monkeypatch):
 )
 def test_step_scalar_dtype_per_device(device, dtype):
     assert step_scalar_dtype(torch.device(device)) == dtype
+
+
+# ------------------------------------------------------------------------------------ the GPU script
+def test_gpu_check_script_reports_that_there_is_no_gpu(tmp_path):
+    """``scripts/gpu_check.sh`` where no GPU is visible (hidden with ``CUDA_VISIBLE_DEVICES=""`` on GPU
+    machines): a report that says so, and a failing exit status (a check that did not run never passes)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report.startswith("# hf_lars GPU check") and "No CUDA device" in report
