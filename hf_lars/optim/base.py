@@ -176,7 +176,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             return cached[1], cached[2], cached[3]
         layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
-        layout = StepLayout(layouts, num_layers=len(layers), device=_local_device(stepped[0]))
+        layout = StepLayout(layouts, num_layers=len(layers), device=stepped[0].device)  # a DTensor's: its shard's
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
         join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
         self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, join)
@@ -286,11 +286,6 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if ratios is not None:
                 self._record_ratios(group, group_index, *ratios)
         return loss
-
-
-def _local_device(t: Tensor) -> torch.device:
-    """The device of ``t``'s local data (a DTensor's ``.device`` is already its shard's)."""
-    return t.device
 
 
 def _refuse_graph_capture(name: str) -> None:

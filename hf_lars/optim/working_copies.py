@@ -25,12 +25,12 @@ _inv_scale: Tensor | None = None
 def unscaled_gradients(grad_scale: Tensor | None) -> Iterator[None]:
     """Inside this block, :class:`StepTensors` divides gradients by ``grad_scale`` (a device tensor).
 
-    The division happens on the fp32 working gradients, one ``_foreach_mul`` by ``1 / grad_scale`` per
-    device, so ``p.grad`` is never written and the host never reads the scale.
+    The division happens on the fp32 working gradients, a ``_foreach_mul`` by ``1 / grad_scale`` (one 0-d
+    tensor: CUDA's fast path) per device, so ``p.grad`` is never written and the host never reads the scale.
     """
     global _inv_scale
     previous = _inv_scale
-    _inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+    _inv_scale = None if grad_scale is None else grad_scale.float().reciprocal()
     try:
         yield
     finally:
@@ -38,14 +38,19 @@ def unscaled_gradients(grad_scale: Tensor | None) -> Iterator[None]:
 
 
 def _unscale(grads: list[Tensor], originals: Sequence[Tensor], inv_scale: Tensor) -> list[Tensor]:
-    """``grads / scale`` without writing the caller's gradients (fp32 copies are scaled in place)."""
-    by_device: dict[torch.device, Tensor] = {}
-    out = []
-    for g, original in zip(grads, originals):
-        inv = by_device.get(g.device)
-        if inv is None:
-            inv = by_device[g.device] = inv_scale.to(g.device, non_blocking=True)
-        out.append(g.mul_(inv) if g is not original else g * inv)
+    """``grads / scale`` without writing the caller's gradients: fp32 copies are scaled in place, the
+    caller's own fp32 gradients into new tensors; one foreach op of each kind per device."""
+    out = list(grads)
+    by_device: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, (g, original) in enumerate(zip(grads, originals)):
+        by_device.setdefault((g.device, g is original), []).append(i)
+    for (device, borrowed), idx in by_device.items():
+        inv = inv_scale.to(device, non_blocking=True)
+        if borrowed:
+            for i, scaled in zip(idx, torch._foreach_mul([grads[i] for i in idx], inv)):
+                out[i] = scaled
+        else:
+            torch._foreach_mul_([grads[i] for i in idx], inv)
     return out
 
 
