@@ -207,7 +207,8 @@ json.dump({"lr": args.learning_rate, "optim": getattr(args.optim, "value", args.
 def test_hf_lars_run_takes_lr_scaling_flags_for_plain_training_arguments(tmp_path: Path) -> None:
     """An unmodified script with plain TrainingArguments gets --learning_rate rescaled via `hf-lars run`."""
     from hf_lars.commands.run import run_script
-    from hf_lars.integrations.transformers import _LAUNCH_LR_SCALING, is_registered, register, unregister
+    from hf_lars.integrations.transformers import is_registered, register, unregister
+    from hf_lars.integrations.transformers.launch import _LAUNCH_LR_SCALING
 
     was_registered = is_registered()
 

@@ -233,7 +233,7 @@ def test_version_guard_names_the_supported_range(registered: None, monkeypatch: 
     hft.check_transformers_version(transformers.__version__)
 
     hft.unregister()
-    monkeypatch.setattr(hft, "_installed_version", lambda: "6.1.0")
+    monkeypatch.setattr(hft.patches, "_installed_version", lambda: "6.1.0")
     with pytest.raises(RuntimeError, match=r"pip install 'transformers>=4\.46,<6'"):
         hft.register()
     assert not hft.is_registered() and "lars" not in OptimizerNames._value2member_map_  # nothing half-patched

@@ -34,6 +34,7 @@ from torch import Tensor
 from hf_lars.optim.trust import TensorLayout
 from hf_lars.sharding import fsdp, unsharded, zero, zero3
 from hf_lars.sharding._shape import layer_shape
+from hf_lars.sharding.fsdp import is_dtensor
 from hf_lars.sharding.grad_centralization import centralize_gradient, install_grad_centralization_hooks
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "install_grad_centralization_hooks",
     "centralize_gradient",
     "is_deepspeed_zero_param",
+    "is_dtensor",
 ]
 
 logger = logging.getLogger(__name__)
