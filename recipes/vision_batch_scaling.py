@@ -70,7 +70,7 @@ class Series:
 
     name: str
     optimizer: str
-    rule: str  # "linear", "sqrt" or "none" (hf_lars.schedule.scale_lr)
+    rule: str  # "linear", "sqrt" or "none" (hf_lars.scaling.scaled_lr)
     label: str
 
 
@@ -132,7 +132,7 @@ def _config(args: argparse.Namespace, optimizer: str, lr: float, batch: int, see
 
 
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
-    from hf_lars.schedule import scale_lr
+    from hf_lars.scaling import scaled_lr
 
     data = load_digits_splits()
     seeds = list(range(args.seeds))
@@ -157,7 +157,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
             for seed in seeds:
                 run("sweep_base", "", _config(args, opt, lr, base, seed))
         best[opt] = pick("sweep_base", opt)
-    rule_lr = {s.name: {b: scale_lr(best[s.optimizer], base, b, s.rule) for b in args.batch_sizes} for s in series}
+    rule_lr = {s.name: {b: float(scaled_lr(s.rule, base, best[s.optimizer], b)) for b in args.batch_sizes} for s in series}
     for s in series:  # 2. each series' rule at every batch size
         for b in args.batch_sizes:
             for seed in seeds:

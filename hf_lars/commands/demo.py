@@ -4,7 +4,7 @@ A small Llama-style causal LM (the recipe's architecture, :func:`hf_lars.data.ti
 to fit a CPU budget) is pre-trained from scratch on the embedded corpus with ``Trainer``, once per optimizer,
 at the same large global batch with warmup + poly decay (``--lr_scheduler_type warmup_poly``).  Each
 optimizer gets a learning rate tuned for it at :data:`REFERENCE_BATCH` and scaled to ``--batch-size`` with
-its rule (square root for the Adam forms, linear for LARS; :func:`hf_lars.schedule.scale_lr`).  The defaults
+its rule (square root for the Adam forms, linear for LARS; :func:`hf_lars.scaling.scaled_lr`).  The defaults
 (batch 128 x 32 tokens, 120 steps, a 0.1M-parameter model) took 128 s on 2 CPU cores shared with other jobs
 (load average 5); on a busy machine it trains with one intra-op thread (see :func:`choose_threads`).
 Prints a results table and writes ``loss.png`` (plus each run's ``trainer_state.json`` and
@@ -42,7 +42,7 @@ DEFAULT_STEPS = 120
 class _Setting:
     optim: str  # a TrainingArguments --optim value (a transformers name or an hf_lars registry name)
     lr: float  # tuned at REFERENCE_BATCH
-    rule: str  # how lr scales with batch size (hf_lars.schedule.SCALING_RULES)
+    rule: str  # how lr scales with batch size (a rule of hf_lars.scaling.scaled_lr)
     optim_args: str | None = None
 
 
@@ -252,7 +252,7 @@ def _train_all(
 
     from hf_lars import data
     from hf_lars.plotting import LossHistory, plot_losses
-    from hf_lars.schedule import scale_lr
+    from hf_lars.scaling import scaled_lr
 
     print(f"preparing the embedded corpus, tokenizer and model ({'quick' if quick else 'full'} size) ...", flush=True)
     train_set, eval_set, config = _prepare(size, out)
@@ -270,7 +270,7 @@ def _train_all(
     histories: dict[str, LossHistory] = {}
     for name in names:
         setting = DEMO_OPTIMIZERS[name]
-        lr = scale_lr(setting.lr, REFERENCE_BATCH, batch_size, setting.rule)
+        lr = float(scaled_lr(setting.rule, REFERENCE_BATCH, setting.lr, batch_size))
         run_dir = out / name
         args = TrainingArguments(
             output_dir=str(run_dir),
