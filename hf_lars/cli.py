@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf_lars {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"hf_lars.commands.{name}")
-        except ModuleNotFoundError as err:  # a command whose module is not written yet
-            if err.name == f"hf_lars.commands.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"hf_lars.commands.{name}").register(subparsers)
     return parser
 
 
