@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hf_lars.commands.run import run_script
 
         return run_script(argv[1:])
+    # `hf-lars bench [args]` runs benchmarks/bench_step.py of the checkout, which parses its own options.
+    if argv and argv[0] == "bench":
+        from hf_lars.commands.bench import run_bench
+
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
