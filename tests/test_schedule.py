@@ -4,7 +4,6 @@ agreement with transformers, argument validation, and the batch-size scaling rul
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any
 
