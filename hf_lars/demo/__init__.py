@@ -16,6 +16,7 @@ from hf_lars.demo.corpus import (
     CORPUS_PATH,
     EOS_TOKEN,
     PAD_TOKEN,
+    SPECIAL_TOKENS,
     build_stdlib_corpus,
     corpus_datasets,
     corpus_paragraphs,
@@ -25,17 +26,6 @@ from hf_lars.demo.corpus import (
 )
 from hf_lars.demo.model import build_model, tiny_llama_config
 
-__all__ = [
-    "CORPUS_PATH",
-    "PAD_TOKEN",
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "build_stdlib_corpus",
-    "load_corpus",
-    "corpus_paragraphs",
-    "corpus_datasets",
-    "train_tokenizer",
-    "tokenize_and_group",
-    "tiny_llama_config",
-    "build_model",
-]
+from hf_lars.demo import corpus, model  # noqa: E402 - after the names, for __all__
+
+__all__ = [*corpus.__all__, *model.__all__]
