@@ -272,10 +272,6 @@ def _maker(cls: type, kwargs: dict[str, Any], named: bool, **setting: Any) -> Ca
     return lambda ps: cls(ps if named else _plain(ps), **setting, **kwargs)
 
 
-def _norm_name(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "").replace(" ", "")
-
-
 def select_contenders(contenders: Sequence[Contender], optimizers: Iterable[str] | None) -> list[Contender]:
     """Keep ours named in ``optimizers`` (registry names and aliases work: ``lamb`` is AdamLARS), their
     peers, and the baselines they are measured against.  ``None`` keeps everything."""
@@ -285,17 +281,12 @@ def select_contenders(contenders: Sequence[Contender], optimizers: Iterable[str]
 
     wanted: set[str] = set()
     for raw in optimizers:
-        key = _norm_name(raw)
-        if not key:
+        if not raw.strip():
             continue
-        match = [n for n in TARGETS if _norm_name(n) == key]
-        if not match:
-            try:
-                match = [get_optimizer_info(raw).cls.__name__]
-            except ValueError:
-                valid = ", ".join(TARGETS)
-                raise ValueError(f"Unknown optimizer {raw!r} for the benchmark. Valid names: {valid}") from None
-        wanted.update(match)
+        try:  # the registry's name matching (case, "_" and "-" ignored): LARS, AdamLARS, lamb, ranger_lars, ...
+            wanted.add(get_optimizer_info(raw.strip()).cls.__name__)
+        except ValueError:
+            raise ValueError(f"Unknown optimizer {raw!r} for the benchmark. Valid names: {', '.join(TARGETS)}") from None
     families = {TARGETS[n].family for n in wanted}
     baselines = {TARGETS[n].baseline for n in wanted}
     keep = []
