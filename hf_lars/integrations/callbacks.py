@@ -27,6 +27,7 @@ from hf_lars.integrations.trust_ratios import (
 __all__ = [
     "TRUST_RATIO_FILE",
     "STAT_KEYS",
+    "TrainingLogCallback",
     "TrustRatioCallback",
     "TrustRatioWriter",
     "add_callback_first",
@@ -79,7 +80,34 @@ def add_callback_first(trainer: Any, cls: type[_Callback], callback: _Callback |
     return chosen
 
 
-class TrustRatioCallback(TrainerCallback):
+class TrainingLogCallback(TrainerCallback):
+    """A callback that adds statistics to every training log: subclasses say which, in ``training_log_stats``.
+
+    ``on_log`` keeps to training logs (:func:`is_training_log`) and puts the statistics in the logs and in
+    ``log_history`` (:func:`add_to_training_log`), so the ``report_to`` integrations after it and
+    ``trainer_state.json`` see them.
+    """
+
+    def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> Mapping[str, Any]:
+        """The statistics to add at this logging step (empty: none); ``kwargs`` are ``on_log``'s."""
+        raise NotImplementedError
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is None or not is_training_log(logs):
+            return
+        stats = self.training_log_stats(state, logs, **kwargs)
+        if stats:
+            add_to_training_log(logs, state, stats)
+
+
+class TrustRatioCallback(TrainingLogCallback):
     """Log layer-wise trust ratios of an hf_lars optimizer at every Trainer logging step.
 
     Adds ``trust_ratio_min``, ``trust_ratio_median`` and ``trust_ratio_max`` to the training logs, so they
@@ -120,26 +148,16 @@ class TrustRatioCallback(TrainerCallback):
             self._writer = TrustRatioWriter(Path(args.output_dir) / self.filename)
             self._writer.start(state.global_step)
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        optimizer: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if logs is None or not is_training_log(logs):
-            return
+    def training_log_stats(
+        self, state: TrainerState, logs: Mapping[str, Any], optimizer: Any = None, **kwargs: Any
+    ) -> dict[str, float]:
         if find_trust_ratio_optimizer(optimizer) is None:
-            return
+            return {}
         values = trust_ratio_values(optimizer, gather=self.gather)
         stats = summarize_trust_ratios(values)
-        if not stats:
-            return
-        add_to_training_log(logs, state, stats)
-        if self._writer is not None:
+        if stats and self._writer is not None:
             self._writer.write(state.global_step, values)
+        return stats
 
 
 def add_trust_ratio_callback(trainer: Any, callback: TrustRatioCallback | None = None) -> TrustRatioCallback:

@@ -8,12 +8,13 @@ the Trainer side: when the big-batch norm is taken, DeepSpeed's logged ``grad_no
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_lars.integrations.callbacks import add_callback_first, add_to_training_log, is_training_log
+from hf_lars.integrations.callbacks import TrainingLogCallback, add_callback_first
 from hf_lars.integrations.distributed import sharding_engine
 from hf_lars.integrations.noise_monitor import NOISE_SCALE_KEYS, GradientNoiseScaleMonitor
 
@@ -33,7 +34,7 @@ def _sync_gradients() -> bool:
     return bool(GradientState().sync_gradients)
 
 
-class GradientNoiseScaleCallback(TrainerCallback):
+class GradientNoiseScaleCallback(TrainingLogCallback):
     r"""Log the gradient noise scale ``B_simple`` at every Trainer logging step (``b_noise`` in the logs).
 
     Adds ``b_noise`` (``tr(Sigma) / |G|^2``, in examples), ``grad_sq_norm`` (EMA of ``|G|^2``) and
@@ -110,24 +111,14 @@ class GradientNoiseScaleCallback(TrainerCallback):
                 "(logging_steps=%d)", args.logging_steps,
             )
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if self.monitor is None or logs is None or not is_training_log(logs):
-            return
+    def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> dict[str, float]:
+        if self.monitor is None:
+            return {}
         last_big = None
         if self._deepspeed:
             grad_norm = logs.get("grad_norm")
             last_big = float(grad_norm) ** 2 if grad_norm is not None else None
-        stats = self.monitor.compute(last_big_sq_norm=last_big)
-        if not stats:
-            return
-        add_to_training_log(logs, state, stats)
+        return self.monitor.compute(last_big_sq_norm=last_big)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
