@@ -62,10 +62,10 @@ def adam_direction(
         denom = torch._foreach_sqrt(exp_avg_sqs)
         if scale is None:
             torch._foreach_add_(denom, eps)
-        else:  # per-tensor scalars broadcast once (expand_scalars): on CUDA's multi-tensor fast path
-            scale_full, shift_full = expand_scalars(torch.stack([scale, shift]), denom)
-            torch._foreach_mul_(denom, scale_full)
-            torch._foreach_add_(denom, shift_full)
+        else:  # per-tensor scalars broadcast once (expand_scalars): on CUDA's multi-tensor fast path.  One
+            # after the other, so that at most one expanded buffer (the size of the list) is alive at a time.
+            torch._foreach_mul_(denom, expand_scalars(scale, denom))
+            torch._foreach_add_(denom, expand_scalars(shift, denom))
         return list(torch._foreach_div(exp_avgs, denom))
 
     return [
