@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,9 @@ __all__ = [
     "PieceSubset",
     "LayoutResolver",
     "is_dtensor",
+    "collective_device",
+    "expand_scalars",
+    "group_device_types",
     "register_layout_resolver",
     "resolve_layouts",
     "GradHookInstaller",
@@ -101,9 +106,16 @@ class StepLayout:
     into the parallel list of pieces; :meth:`norms` computes global per-layer norms.
     """
 
-    def __init__(self, layouts: Sequence[TensorLayout], num_layers: int) -> None:
+    def __init__(
+        self, layouts: Sequence[TensorLayout], num_layers: int, device: torch.device | None = None
+    ) -> None:
         self.layouts = list(layouts)
         self.num_layers = num_layers
+        # Where the stepped tensors live: a rank that holds no piece makes its (empty) partial sums here, so
+        # that it picks the same collective device as the ranks that do (see collective_device).
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._collective_devices: dict[torch.device, torch.device] = {}
+        self._piece_views: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
         self.trivial = all(lay.whole for lay in self.layouts)
         groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}
         if len(groups) > 1:
@@ -142,14 +154,21 @@ class StepLayout:
         """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors."""
         return [t.to_local() if lay.dtensor else t for t, lay in zip(tensors, self.layouts)]
 
-    def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def pieces(self, tensors: Sequence[Tensor], *, cache: bool = False) -> list[Tensor]:
         """Views of ``tensors`` (parallel to the stepped tensors) cut into the layout's pieces.
 
         A tensor whose only segment covers all of it is its own piece (keeping its shape); otherwise the
-        pieces are 1-D views into the flattened tensor.
+        pieces are 1-D views into the flattened tensor.  ``cache=True`` for tensors that live across steps
+        (optimizer state, fp32 parameters): their views are cut once and reused, since a ZeRO partition
+        holding hundreds of layers costs as many view ops per list per step.  Never for per-step tensors
+        (gradients, working copies): a cached view would keep its storage alive.
         """
         if self.trivial:
             return list(tensors)
+        key = tuple(id(t) for t in tensors)
+        cached = self._piece_views.get(key) if cache else None
+        if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):  # ids can be reused
+            return list(cached[1])
         out = []
         for t_idx, seg in zip(self.piece_tensor, self._segments):
             t = tensors[t_idx]
@@ -159,7 +178,19 @@ class StepLayout:
                 out.append(t)
             else:
                 out.append(t.view(-1).narrow(0, seg.start, seg.numel))
+        if cache:
+            if len(self._piece_views) >= _MAX_CACHED_VIEW_SETS:
+                self._piece_views.pop(next(iter(self._piece_views)))
+            self._piece_views[key] = (list(tensors), out)
+            return list(out)
         return out
+
+    def collective_device(self, local: torch.device) -> torch.device:
+        """The device the all-reduce of partial sums made on ``local`` runs on (cached per layout)."""
+        device = self._collective_devices.get(local)
+        if device is None:
+            device = self._collective_devices[local] = collective_device(self.process_group, local)
+        return device
 
     def select(self, keep: Sequence[bool]) -> "PieceSubset":
         """A subset of the pieces (e.g. the adapted ones), keeping their layers for :meth:`norms`."""
@@ -209,10 +240,11 @@ class PieceSubset:
         it joins the collective; it then gets a ``[len(lists), 0]`` result.
         """
         if not self.idx:
-            partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=_collective_device(self.layout))
+            partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=self.layout.device)
             return partial if self.layout.process_group is None else self._reduce(partial)
-        if foreach:
-            partial = torch.stack([torch.stack(torch._foreach_norm(list(pl), 2, dtype=torch.float32)) for pl in piece_lists])
+        if foreach:  # one _foreach_norm and one stack for all lists: two kernels on CUDA, not 2 + 2 per list
+            flat = [x for pl in piece_lists for x in pl]
+            partial = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).view(len(piece_lists), -1)
         else:
             partial = torch.stack(
                 [torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in pl]) for pl in piece_lists]
@@ -222,6 +254,12 @@ class PieceSubset:
         return self._reduce(partial)
 
     def _reduce(self, partial: Tensor) -> Tensor:
+        """Sum partial squares per layer, all-reduce them, and return the norms on the pieces' device.
+
+        The per-layer sums are made where the pieces live; only that small vector (``len(lists)`` floats
+        per layer) moves to the collective's device and back when the group has no backend for the pieces'
+        device (ZeRO-Offload and FSDP2 CPU offload keep fp32 partitions on the CPU under NCCL).
+        """
         device = partial.device
         layers = self._layer_index.get(device)
         if layers is None:  # built once per layout: no host-to-device copy on later steps
@@ -232,19 +270,112 @@ class PieceSubset:
         if group is not None:
             import torch.distributed as dist
 
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            comm = self.layout.collective_device(device)
+            wire = sums if comm == device else sums.to(comm)
+            dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
+            sums = wire if comm == device else wire.to(device)
         return sums.sqrt().index_select(1, layers)
 
 
-def _collective_device(layout: StepLayout) -> torch.device:
-    """Where to put the (empty) partial sums of a rank that holds no piece: the process group's device."""
-    group = layout.process_group
-    if group is not None:
-        import torch.distributed as dist
+# A layout keeps the piece views of this many stable tensor lists (weights and up to three state buffers).
+_MAX_CACHED_VIEW_SETS = 8
 
-        if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+
+_REPEATS: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+_MAX_REPEATS = 64
+
+
+def expand_scalars(values: Tensor, like: Sequence[Tensor]) -> Any:
+    """``values[i]`` broadcast to the shape of ``like[i]``, as dense tensors: one kernel for the whole list.
+
+    ``values`` of shape ``[n]`` gives one list; ``[k, n]`` gives ``k`` lists (one expansion for all).
+
+    CUDA's multi-tensor fast path takes a foreach op only when, index by index, its tensor lists agree in
+    shape and strides: a list of 0-d tensors (one trust ratio per layer) paired with a list of matrices
+    falls back to one kernel per tensor.  One ``repeat_interleave`` into a flat buffer, split into views
+    shaped like ``like``, puts every per-layer value back on the fast path, for one transient fp32 buffer of
+    the list's size (torch's foreach AdamW makes as large a temporary for its denominator).  The values are
+    copied, not recomputed, so the result is bit-identical to multiplying by each 0-d value.
+    """
+    numels = tuple(t.numel() for t in like)
+    key = (values.device, numels)
+    repeats = _REPEATS.get(key) if type(values) is Tensor else None  # never cache fake or traced tensors
+    if repeats is None:  # one host-to-device copy per list shape, not per step
+        repeats = torch.tensor(numels, dtype=torch.long, device=values.device)
+        if type(values) is Tensor:
+            if len(_REPEATS) >= _MAX_REPEATS:
+                _REPEATS.pop(next(iter(_REPEATS)))
+            _REPEATS[key] = repeats
+    flat = torch.repeat_interleave(values, repeats, dim=-1, output_size=sum(numels))
+    if values.dim() == 1:
+        return [piece.view(t.shape) for piece, t in zip(flat.split(numels), like)]
+    return [[piece.view(t.shape) for piece, t in zip(row.split(numels), like)] for row in flat.unbind(0)]
+
+
+def group_device_types(group: Any) -> list[str]:
+    """The device types ``group`` has a backend for, e.g. ``["cuda", "cpu"]`` for ``"cuda:nccl,cpu:gloo"``.
+
+    Read from the group itself (``ProcessGroup._device_types``, what
+    ``torch.distributed.distributed_c10d._device_capability`` returns), which is right for every way of
+    creating a group: ``backend="nccl"`` (cuda), ``"gloo"`` (cpu and cuda), ``"cuda:nccl,cpu:gloo"``, and no
+    backend at all (``get_backend`` then says ``'undefined'`` and the group has the default backend of
+    every available device type).  Falls back to parsing ``get_backend(group)`` for objects without it.
+    """
+    types = getattr(group, "_device_types", None)
+    if types:
+        return [torch.device(t).type for t in types]
+    import torch.distributed as dist
+
+    name = str(dist.get_backend(group)).lower()
+    out: list[str] = []
+    for part in name.split(","):
+        device, _, backend = part.strip().rpartition(":")
+        if device:
+            out.append(device)
+        elif backend == "nccl":
+            out.append("cuda")
+        elif backend == "gloo":
+            out += ["cpu", "cuda"]
+        elif backend in ("mpi", "ucc"):
+            out.append("cpu")
+    if not out:
+        raise ValueError(
+            f"hf_lars: cannot tell which devices process group {group!r} (backend {name!r}) supports; create it "
+            "with an explicit backend (init_process_group(backend='nccl') or 'cuda:nccl,cpu:gloo')."
+        )
+    return out
+
+
+def collective_device(group: Any, local: torch.device) -> torch.device:
+    """The device to all-reduce per-layer partial sums made on ``local`` over ``group``.
+
+    The rule (docs/design.md, "Layers, pieces and one all-reduce"): the pieces' own device when the group
+    has a backend for its type (no copy); otherwise the group's accelerator, with the index from, in turn,
+    the group's bound device (``init_process_group(device_id=...)``), ``LOCAL_RANK`` (torchrun, deepspeed
+    and accelerate set it; right even when the script never called ``set_device``), then the current
+    device; otherwise the CPU.  Every rank of a run keeps its stepped tensors on the same device type, so
+    every rank, one that holds no piece included (it passes the stepped tensors' device), picks the same
+    device type and joins the same backend.
+    """
+    local = torch.device(local)
+    types = group_device_types(group)
+    if local.type in types:
+        return local
+    accelerators = [t for t in types if t != "cpu"]
+    if not accelerators:
+        return torch.device("cpu")
+    kind = accelerators[0]
+    bound = getattr(group, "bound_device_id", None)
+    if bound is not None and torch.device(bound).type == kind and torch.device(bound).index is not None:
+        return torch.device(bound)
+    module = getattr(torch, kind, None)
+    count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit() and int(local_rank) < max(count, 1):
+        return torch.device(kind, int(local_rank))
+    if module is not None and hasattr(module, "current_device") and count > 0:
+        return torch.device(kind, module.current_device())
+    return torch.device(kind, 0)
 
 
 # ------------------------------------------------------------------------------------------ resolver

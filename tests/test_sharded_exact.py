@@ -1,7 +1,9 @@
 """Sharded training is exact: LARS, AdamLARS and RangerLARS under ZeRO-1/2/3 and FSDP2 equal one process.
 
-One ``torchrun`` launch per engine (``tests/dist/exact.py``, 2 CPU processes, gloo) loops over the
-optimizers and models; the tests here assert on its JSON.  Models (``tests/dist/_common.py``):
+One ``torchrun`` launch per engine and backend (``tests/dist/exact.py``, 2 processes) loops over the
+optimizers and models; the tests here assert on its JSON.  Backends: gloo (2 CPU processes, always) and
+NCCL (2 GPUs, marked ``gpu``, run where at least 2 GPUs exist), where ZeRO-Offload (``zero2_offload``,
+``zero3_offload``: fp32 partitions on the CPU, NCCL only) joins the engines.  Models (``tests/dist/_common.py``):
 
 * ``groups``: Trainer-style param groups (matrices / 1-D layers / a one-element ``logit_scale`` group that
   lies wholly on rank 0, so rank 1 steps a partition of pure padding);
@@ -23,67 +25,86 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.distributed
 
 ENGINES = ("zero1", "zero2", "zero3", "fsdp2")
+OFFLOAD_ENGINES = ("zero2_offload", "zero3_offload")  # NCCL only: under gloo the CPU is the device anyway
 BF16_ENGINES = ("zero2", "zero3")
 OPTIMIZERS = ("lars", "adam_lars", "ranger_lars")
 MODELS = ("groups", "mixed")
 TOL = 1e-5
+_NCCL_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cases need 2 GPUs"),
+]
 
-_RUNS: dict[str, dict[str, Any]] = {}
+_RUNS: dict[tuple[str, str], dict[str, Any]] = {}
 
 
-def _run(engine: str) -> dict[str, Any]:
-    """One launch per engine for the whole module (bf16 cases ride along for ZeRO-2/3)."""
-    if engine not in _RUNS:
+def _run(engine: str, backend: str) -> dict[str, Any]:
+    """One launch per engine and backend for the whole module (bf16 cases ride along for ZeRO-2/3)."""
+    if (engine, backend) not in _RUNS:
         from dist.launch import torchrun
 
         args = ["--engine", engine] + (["--bf16"] if engine in BF16_ENGINES else [])
-        _RUNS[engine] = torchrun("exact.py", *args, partial=True)
-    return _RUNS[engine]
+        _RUNS[engine, backend] = torchrun("exact.py", *args, partial=True, backend=backend)
+    return _RUNS[engine, backend]
 
 
-def _case(engine: str, key: str) -> dict[str, Any]:
-    run = _run(engine)
+def _case(engine: str, key: str, backend: str = "gloo") -> dict[str, Any]:
+    run = _run(engine, backend)
     case = run["cases"].get(key)
     if case is None:
-        pytest.fail(f"{engine}: case {key} has no result; the run failed before it:\n{run.get('_failure')}")
+        pytest.fail(f"{engine} ({backend}): case {key} has no result; the run failed before it:\n{run.get('_failure')}")
     if case.get("error"):
-        pytest.fail(f"{engine} {key}: {case['error']}")
+        pytest.fail(f"{engine} ({backend}) {key}: {case['error']}")
     return case
 
 
-CASES = [(e, o, m) for e in ENGINES for m in MODELS for o in OPTIMIZERS]
-BF16_CASES = [(e, o, m) for e in BF16_ENGINES for m in MODELS for o in OPTIMIZERS]
+def _with_backends(cases: list[tuple[str, ...]], nccl_extra: list[tuple[str, ...]] = ()) -> list[Any]:
+    """Every case under gloo, and under NCCL (gpu-marked) together with the NCCL-only cases."""
+    out: list[Any] = [pytest.param("gloo", *c, id="-".join(("gloo", *c))) for c in cases]
+    out += [pytest.param("nccl", *c, marks=_NCCL_MARKS, id="-".join(("nccl", *c))) for c in [*cases, *nccl_extra]]
+    return out
 
 
-@pytest.mark.parametrize(("engine", "opt", "model"), CASES)
-def test_matches_unsharded_fp32(engine: str, opt: str, model: str) -> None:
-    case = _case(engine, f"{opt}/{model}")
+CASES = _with_backends(
+    [(e, o, m) for e in ENGINES for m in MODELS for o in OPTIMIZERS],
+    [(e, o, m) for e in OFFLOAD_ENGINES for m in MODELS for o in OPTIMIZERS],
+)
+BF16_CASES = _with_backends([(e, o, m) for e in BF16_ENGINES for m in MODELS for o in OPTIMIZERS])
+NAIVE_CASES = _with_backends(
+    [(e, o) for e in ENGINES for o in OPTIMIZERS], [(e, o) for e in OFFLOAD_ENGINES for o in OPTIMIZERS]
+)
+
+
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
+def test_matches_unsharded_fp32(backend: str, engine: str, opt: str, model: str) -> None:
+    case = _case(engine, f"{opt}/{model}", backend)
     assert max(case["moved"].values()) > 0.05, "training barely moved the weights: the comparison is void"
     assert case["max_rel_err"] <= TOL, sorted(case["rel_err"].items(), key=lambda kv: -kv[1])[:3]
 
 
-@pytest.mark.parametrize(("engine", "opt", "model"), BF16_CASES)
-def test_matches_unsharded_bf16(engine: str, opt: str, model: str) -> None:
-    case = _case(engine, f"{opt}/{model}/bf16")
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), BF16_CASES)
+def test_matches_unsharded_bf16(backend: str, engine: str, opt: str, model: str) -> None:
+    case = _case(engine, f"{opt}/{model}/bf16", backend)
     assert max(case["moved"].values()) > 0.05
     assert case["max_rel_err"] <= TOL, sorted(case["rel_err"].items(), key=lambda kv: -kv[1])[:3]
 
 
-@pytest.mark.parametrize(("engine", "opt"), [(e, o) for e in ENGINES for o in OPTIMIZERS])
-def test_naive_per_partition_norms_are_wrong(engine: str, opt: str) -> None:
-    case = _case(engine, f"{opt}/mixed/naive")
+@pytest.mark.parametrize(("backend", "engine", "opt"), NAIVE_CASES)
+def test_naive_per_partition_norms_are_wrong(backend: str, engine: str, opt: str) -> None:
+    case = _case(engine, f"{opt}/mixed/naive", backend)
     # 1000x the tolerance the exact path meets (measured: >= 2.5 under ZeRO, >= 1e-2 under FSDP2)
     assert case["max_rel_err"] > 1000 * TOL
     assert all(s["calls"] == 0 for s in case["step_calls"]), "the naive path must not communicate"
 
 
-@pytest.mark.parametrize(("engine", "opt", "model"), CASES)
-def test_one_all_reduce_per_group_step(engine: str, opt: str, model: str) -> None:
-    case = _case(engine, f"{opt}/{model}")
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
+def test_one_all_reduce_per_group_step(backend: str, engine: str, opt: str, model: str) -> None:
+    case = _case(engine, f"{opt}/{model}", backend)
     steps = case["step_calls"]
     assert steps, "the engine never called step()"
     for s in steps:

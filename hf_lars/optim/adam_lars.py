@@ -104,11 +104,13 @@ class AdamLARS(TrustRatioOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_trust_bounds(group["trust_bounds"])
 
+    def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
+        for p in stepped:
+            init_adam_state(self.state[p], p)
+
     def _step_group(
         self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
     ) -> tuple[list[int], Tensor] | None:
-        for p in stepped:
-            init_adam_state(self.state[p], p)
         states = [self.state[p] for p in stepped]
         return adam_lars(
             stepped,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_lars.layout import NORMS_PER_LAYER, StepLayout, resolve_layouts
+from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
+from hf_lars.optim.working_copies import unscaled_gradients
 
 __all__ = ["TrustRatioOptimizer", "check_range", "default_foreach"]
 
@@ -68,11 +70,17 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        self._layers: list[list[Tensor]] = []
+        # The group's original parameters as weak references plus their shapes and dtypes: a strong
+        # reference would keep every original tensor alive after an engine swaps group["params"] for its
+        # own (FSDP2 DTensors, Accelerate), i.e. a full unsharded copy of the model on every rank.
+        self._layer_refs: list[list[weakref.ref[Tensor]]] = []
+        self._layer_specs: list[list[tuple[torch.Size, torch.dtype]]] = []
         # id(group dict) -> index into _layers.  DeepSpeed ZeRO-1/2 step one group at a time by setting
         # ``optimizer.param_groups = [group]``, so a position in param_groups is not the group's index.
         self._group_index: dict[int, int] = {}
-        self._layout_cache: dict[tuple[int, tuple[int, ...]], tuple[list[Tensor], StepLayout, list[bool], bool]] = {}
+        self._layout_cache: dict[
+            tuple[int, tuple[int, ...]], tuple[list[weakref.ref[Tensor]], StepLayout, list[bool], bool]
+        ] = {}
         # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
         # separate step() calls, each with its own layers.
         self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
@@ -101,8 +109,27 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
-        self._layers.append(list(group["params"]))
-        self._group_index[id(group)] = len(self._layers) - 1
+        self._layer_refs.append([weakref.ref(p) for p in group["params"]])
+        self._layer_specs.append([(p.shape, p.dtype) for p in group["params"]])
+        self._group_index[id(group)] = len(self._layer_refs) - 1
+
+    @property
+    def _layers(self) -> list[list[Tensor]]:
+        """The original parameters of every group; see :meth:`_group_layers` for those no longer alive."""
+        return [self._group_layers(i) for i in range(len(self._layer_refs))]
+
+    def _group_layers(self, group_index: int) -> list[Tensor]:
+        """The original parameters of group ``group_index``, in construction order.
+
+        One that is no longer alive (an engine replaced it and dropped it) is stood in for by a meta tensor
+        of its shape and dtype: nothing can step it any more, and the layout resolver only needs its shape
+        to match its replacement by position in ``group["params"]``.
+        """
+        out = []
+        for ref, (shape, dtype) in zip(self._layer_refs[group_index], self._layer_specs[group_index]):
+            p = ref()
+            out.append(p if p is not None else torch.empty(shape, dtype=dtype, device="meta"))
+        return out
 
     # ------------------------------------------------------------------------------------ trust ratios
     @torch.no_grad()
@@ -120,10 +147,10 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
 
     def _layer_names(self, group: dict[str, Any], group_index: int) -> list[str]:
         names = group.get("param_names")
-        if names is not None and len(names) == len(self._layers[group_index]):
+        if names is not None and len(names) == len(self._layer_refs[group_index]):
             return list(names)
-        offset = sum(len(layers) for layers in self._layers[:group_index])
-        return [str(offset + i) for i in range(len(self._layers[group_index]))]
+        offset = sum(len(layers) for layers in self._layer_refs[:group_index])
+        return [str(offset + i) for i in range(len(self._layer_refs[group_index]))]
 
     def _record_ratios(self, group: dict[str, Any], group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
         names = self._layer_names(group, group_index)
@@ -145,14 +172,14 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         """
         key = (group_index, tuple(id(t) for t in stepped))
         cached = self._layout_cache.get(key)
-        if cached is not None and all(a is b for a, b in zip(cached[0], stepped)):  # ids can be reused
+        if cached is not None and all(a() is b for a, b in zip(cached[0], stepped)):  # ids can be reused
             return cached[1], cached[2], cached[3]
-        layers = self._layers[group_index]
+        layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
-        layout = StepLayout(layouts, num_layers=len(layers))
+        layout = StepLayout(layouts, num_layers=len(layers), device=stepped[0].device)  # a DTensor's: its shard's
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
         join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
-        self._layout_cache[key] = (list(stepped), layout, adapt_piece, join)
+        self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, join)
         return layout, adapt_piece, join
 
     @staticmethod
@@ -178,24 +205,53 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         self._invalidate_layouts()
 
     # ----------------------------------------------------------------------------------------- step
+    def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
+        """Create the missing state of ``stepped`` (lazily, torch's key names).  Called by :meth:`step`
+        before :meth:`_step_group`, so that a step GradScaler skips can be undone to exactly this state."""
+
     @abc.abstractmethod
     def _step_group(
         self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
     ) -> tuple[list[int], Tensor] | None:
-        """Create missing state, then step the group's ``stepped`` tensors with the rule's functional form.
+        """Step the group's ``stepped`` tensors (state exists: :meth:`_init_state`) with the rule's functional form.
 
         ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio, and
         ``foreach`` picks the implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
         rank holds, or ``None`` when it holds none; :meth:`step` records them for :meth:`trust_ratios`.
         """
 
+    # torch.amp.GradScaler hands this optimizer the scale and the inf flag on the device (``grad_scale`` /
+    # ``found_inf``) instead of reading ``found_inf.item()`` before every step (docs/design.md, "Mixed
+    # precision"), as it does for torch's fused optimizers.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> float | None:
         """Perform one optimization step.
 
         Args:
             closure: a closure that re-evaluates the model and returns the loss (optional).
+            grad_scale: the loss scale the gradients still carry (``torch.amp.GradScaler`` sets it as the
+                attribute ``self.grad_scale``, which is read when this is ``None``): the step uses
+                ``grad / grad_scale``, computed on the device, and never writes ``p.grad``.
+            found_inf: a 0-d device tensor, nonzero when some gradient is not finite (GradScaler sets it as
+                ``self.found_inf``): the step is then skipped on the device, parameters, state and step
+                counts untouched, without a host synchronization.
+
+        Raises:
+            RuntimeError: called while a CUDA graph is being captured (see :func:`_refuse_graph_capture`).
         """
+        _refuse_graph_capture(type(self).__name__)
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -221,8 +277,55 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if not layout.num_pieces:
                 continue
             foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
-            ratios = self._step_group(group, stepped, layout, adapt, foreach)
+            self._init_state(group, stepped)
+            saved = _save_for_skip(stepped, self.state, layout) if found_inf is not None else None
+            with unscaled_gradients(grad_scale):
+                ratios = self._step_group(group, stepped, layout, adapt, foreach)
+            if saved is not None:
+                _restore_if(found_inf, saved)
             if ratios is not None:
                 self._record_ratios(group, group_index, *ratios)
         return loss
 
+
+def _refuse_graph_capture(name: str) -> None:
+    """Refuse ``step()`` inside CUDA graph capture, before anything is recorded.
+
+    The learning rate and every hyper-parameter are Python floats: a captured graph would bake in the
+    values of the capture step, so an LR schedule would be silently ignored on replay (torch's answer,
+    ``capturable=True`` with a tensor ``lr``, is not offered here).  Checking costs no synchronization.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"hf_lars: {name}.step() was called while a CUDA graph is being captured; its learning rate and "
+            "hyper-parameters are Python floats that the graph would freeze, so LR schedules would be silently "
+            "ignored on replay.  Fix: capture only the forward and backward passes (e.g. torch.cuda.graphs."
+            "make_graphed_callables(model, ...)) and call optimizer.step() outside the graph."
+        )
+
+
+def _save_for_skip(
+    stepped: Sequence[Tensor], state: dict[Tensor, dict[str, Any]], layout: StepLayout
+) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the local data of every stepped tensor and of its existing state, to undo a skipped step.
+
+    GradScaler's skip must happen without reading ``found_inf`` on the host, so the step runs and is then
+    undone on the device.  Costs one transient copy of the group's parameters and state (what torch's
+    fused kernels avoid by testing the flag inside the kernel).  State exists already (:meth:`_init_state`).
+    """
+    saved = []
+    for p in stepped:
+        tensors = [p] + [v for v in state.get(p, {}).values() if isinstance(v, Tensor)]
+        for t in [x.to_local() if is_dtensor(x) else x for x in tensors]:
+            saved.append((t, t.clone()))
+    return saved
+
+
+def _restore_if(found_inf: Tensor, saved: list[tuple[Tensor, Tensor]]) -> None:
+    """``t = old if found_inf else t`` for every saved pair, on the device (``torch.where``: exact, NaN-safe)."""
+    flags: dict[torch.device, Tensor] = {}
+    for t, old in saved:
+        flag = flags.get(t.device)
+        if flag is None:
+            flag = flags[t.device] = found_inf.to(t.device, non_blocking=True) != 0
+        t.copy_(torch.where(flag, old, t))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.layout import PieceSubset, StepLayout
+from hf_lars.layout import PieceSubset, StepLayout, expand_scalars
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
 from hf_lars.optim.trust import lars_trust_ratio
 from hf_lars.optim.working_copies import StepTensors
@@ -84,15 +84,16 @@ class LARS(TrustRatioOptimizer):
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
-    def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
-    ) -> tuple[list[int], Tensor] | None:
-        bufs: list[Tensor | None] = []
+    def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
             state = self.state[p]
             if group["momentum"] > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            bufs.append(state.get("momentum_buffer"))
+
+    def _step_group(
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
+        bufs: list[Tensor | None] = [self.state[p].get("momentum_buffer") for p in stepped]
         return lars(
             stepped,
             [p.grad for p in stepped],
@@ -204,13 +205,23 @@ def _multi_tensor_lars(
         norms = sub.norms(ws, gs, foreach=True)
         rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
     d = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else gs
-    if rho is not None:
-        d = torch._foreach_mul(d, list(rho.unbind(0)))
+    # Per-layer ratios broadcast once over the pieces (expand_scalars): every op below stays on CUDA's
+    # multi-tensor fast path, one kernel each instead of one per tensor.
+    rho_full = None if rho is None else expand_scalars(rho, d)
     if bufs[0] is None:
-        torch._foreach_add_(ws, d, alpha=-lr)
+        if rho_full is None:
+            torch._foreach_add_(ws, d, alpha=-lr)
+        else:
+            torch._foreach_addcmul_(ws, d, rho_full, value=-lr)
         return rho
     torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, d)
+    if rho_full is None:
+        torch._foreach_add_(bufs, d)
+    elif nesterov:
+        d = torch._foreach_mul(d, rho_full)
+        torch._foreach_add_(bufs, d)
+    else:
+        torch._foreach_addcmul_(bufs, d, rho_full)
     if nesterov:
         torch._foreach_add_(ws, d, alpha=-lr)
         torch._foreach_add_(ws, bufs, alpha=-lr * momentum)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hf_lars.layout import expand_scalars
+
 
 __all__ = [
     "adam_direction",
@@ -17,7 +19,12 @@ __all__ = [
     "init_adam_state",
     "increment_steps",
     "step_scalars",
+    "step_scalar_dtype",
 ]
+
+# Device types whose kernels support float64 at full speed for a handful of scalars.  MPS has no float64;
+# XLA (TPU) and XPU emulate or reject it; anything not known to be fine gets float32.
+_FLOAT64_DEVICE_TYPES = frozenset({"cpu", "cuda", "meta"})
 
 
 def adam_direction(
@@ -55,9 +62,10 @@ def adam_direction(
         denom = torch._foreach_sqrt(exp_avg_sqs)
         if scale is None:
             torch._foreach_add_(denom, eps)
-        else:
-            torch._foreach_mul_(denom, list(scale.unbind(0)))
-            torch._foreach_add_(denom, list(shift.unbind(0)))
+        else:  # per-tensor scalars broadcast once (expand_scalars): on CUDA's multi-tensor fast path.  One
+            # after the other, so that at most one expanded buffer (the size of the list) is alive at a time.
+            torch._foreach_mul_(denom, expand_scalars(scale, denom))
+            torch._foreach_add_(denom, expand_scalars(shift, denom))
         return list(torch._foreach_div(exp_avgs, denom))
 
     return [
@@ -111,8 +119,7 @@ def denominator_scalars(
     given = [x for x in (bc1, bc2, rectified) if x is not None]
     if not given:
         return None, None
-    one = torch.ones(n, dtype=torch.float32, device=given[0].device)
-    c1 = one if bc1 is None else bc1
+    c1 = torch.ones(n, dtype=torch.float32, device=given[0].device) if bc1 is None else bc1
     scale = c1 if bc2 is None else c1 / bc2.sqrt()
     shift = c1 * eps
     if rectified is not None:
@@ -138,11 +145,17 @@ def increment_steps(steps: list[Tensor], foreach: bool) -> None:
             s.add_(1)
 
 
+def step_scalar_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 where the device runs it natively (cpu, cuda; ROCm is ``cuda``), float32 elsewhere (mps,
+    xla, xpu, hpu, privateuse1, ...)."""
+    return torch.float64 if torch.device(device).type in _FLOAT64_DEVICE_TYPES else torch.float32
+
+
 def step_scalars(t: Tensor) -> Tensor:
-    """Step counts in float64 for the per-step scalars (``1 - beta**t``, RAdam's ``rho_t``); MPS: float32.
+    """Step counts in the per-step scalars' dtype (:func:`step_scalar_dtype`; float64 on cpu and cuda).
 
     Both lose digits to cancellation in float32: ``1 - 0.999**t`` carries ~1e-5 relative error and ``rho_t``
     ~0.04 absolute for ``beta2 = 0.999`` (0.2 for 0.9995, which flips RAdam's rectification threshold at
     t = 5).  Computed on the device, so still no host sync; callers cast the results back to float32.
     """
-    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+    return t.to(step_scalar_dtype(t.device))

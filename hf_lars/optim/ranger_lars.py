@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout, install_grad_centralization_hooks
+from hf_lars.layout import StepLayout, expand_scalars, install_grad_centralization_hooks
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
 from hf_lars.optim.moments import (
     adam_direction,
@@ -112,14 +112,16 @@ class RangerLARS(TrustRatioOptimizer):
             # "Gradient Centralization").
             install_grad_centralization_hooks(self._layers[-1], centralize_gradient)
 
-    def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
-    ) -> tuple[list[int], Tensor] | None:
+    def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
             state = self.state[p]
             if "slow_buffer" not in state:
                 init_adam_state(state, p)
                 state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
+
+    def _step_group(
+        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+    ) -> tuple[list[int], Tensor] | None:
         states = [self.state[p] for p in stepped]
         return ranger_lars(
             stepped,
@@ -251,8 +253,9 @@ def ranger_lars(
     )
     slow = work.state_pieces(slow_buffers)
     if foreach:
-        torch._foreach_lerp_(slow, w, list((sync * alpha).unbind(0)))
-        torch._foreach_lerp_(w, slow, list(sync.unbind(0)))
+        # Per-piece Lookahead weights broadcast once (expand_scalars): on CUDA's multi-tensor fast path.
+        torch._foreach_lerp_(slow, w, expand_scalars(sync * alpha, w))
+        torch._foreach_lerp_(w, slow, expand_scalars(sync, w))
     else:
         for i, (sl, wi) in enumerate(zip(slow, w)):
             sl.lerp_(wi, sync[i] * alpha)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout
+from hf_lars.layout import StepLayout, expand_scalars
 
 __all__ = ["lars_trust_ratio", "adam_trust_ratio", "trust_ratio_step", "apply_update"]
 
@@ -55,8 +55,8 @@ def adam_trust_ratio(
 def apply_update(weights: list[Tensor], updates: list[Tensor], scale: Tensor | float, foreach: bool) -> None:
     """``w += scale * u`` per piece; ``scale`` is one number or a tensor with one value per piece."""
     if isinstance(scale, Tensor):
-        if foreach:
-            torch._foreach_addcmul_(weights, updates, list(scale.unbind(0)))
+        if foreach:  # per-piece scales broadcast once: on CUDA's multi-tensor fast path
+            torch._foreach_addcmul_(weights, updates, expand_scalars(scale, updates))
         else:
             for i, (w, u) in enumerate(zip(weights, updates)):
                 w.addcmul_(u, scale[i])

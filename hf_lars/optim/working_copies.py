@@ -6,19 +6,66 @@ parameters meet that rule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from hf_lars.layout import StepLayout
 
-__all__ = ["StepTensors"]
+__all__ = ["StepTensors", "unscaled_gradients"]
+
+# The inverse loss scale of the step in progress (None: gradients carry no scale); set by the base class's
+# step() from GradScaler's ``grad_scale`` for the duration of one group's update.
+_inv_scale: Tensor | None = None
 
 
-def _fp32(t: Tensor) -> Tensor:
-    """Non-fp32 tensors (bf16, fp16, and fp64 too: docs/design.md keeps all update math in fp32) as fp32 copies."""
-    return t if t.dtype == torch.float32 else t.float()
+@contextlib.contextmanager
+def unscaled_gradients(grad_scale: Tensor | None) -> Iterator[None]:
+    """Inside this block, :class:`StepTensors` divides gradients by ``grad_scale`` (a device tensor).
+
+    The division happens on the fp32 working gradients, a ``_foreach_mul`` by ``1 / grad_scale`` (one 0-d
+    tensor: CUDA's fast path) per device, so ``p.grad`` is never written and the host never reads the scale.
+    """
+    global _inv_scale
+    previous = _inv_scale
+    _inv_scale = None if grad_scale is None else grad_scale.float().reciprocal()
+    try:
+        yield
+    finally:
+        _inv_scale = previous
+
+
+def _unscale(grads: list[Tensor], originals: Sequence[Tensor], inv_scale: Tensor) -> list[Tensor]:
+    """``grads / scale`` without writing the caller's gradients: fp32 copies are scaled in place, the
+    caller's own fp32 gradients into new tensors; one foreach op of each kind per device."""
+    out = list(grads)
+    by_device: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, (g, original) in enumerate(zip(grads, originals)):
+        by_device.setdefault((g.device, g is original), []).append(i)
+    for (device, borrowed), idx in by_device.items():
+        inv = inv_scale.to(device, non_blocking=True)
+        if borrowed:
+            for i, scaled in zip(idx, torch._foreach_mul([grads[i] for i in idx], inv)):
+                out[i] = scaled
+        else:
+            torch._foreach_mul_([grads[i] for i in idx], inv)
+    return out
+
+
+def _fp32(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Non-fp32 tensors (bf16, fp16, and fp64 too: docs/design.md keeps all update math in fp32) as fp32
+    copies, fp32 ones as themselves.  The copies are made by one ``_foreach_copy_`` (one kernel on CUDA for
+    the whole list, not one cast per tensor)."""
+    out = list(tensors)
+    low = [i for i, t in enumerate(out) if t.dtype != torch.float32]
+    if low:
+        copies = [torch.empty_like(out[i], dtype=torch.float32) for i in low]
+        torch._foreach_copy_(copies, [out[i] for i in low])
+        for i, c in zip(low, copies):
+            out[i] = c
+    return out
 
 
 class StepTensors:
@@ -32,12 +79,19 @@ class StepTensors:
     def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor], layout: StepLayout) -> None:
         self.layout = layout
         self._params = layout.local(params)
-        self.weights = [_fp32(p) for p in self._params]
-        self.grads = [_fp32(g) for g in layout.local(grads)]
+        self.weights = _fp32(self._params)
+        local_grads = layout.local(grads)
+        self.grads = _fp32(local_grads)
+        if _inv_scale is not None:
+            self.grads = _unscale(self.grads, local_grads, _inv_scale)
 
     def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`)."""
-        return self.layout.pieces(local_tensors)
+        """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`).
+
+        The views of tensors that live across steps (fp32 parameters) are cut once per layout and cached.
+        """
+        stable = local_tensors is self.weights and all(w is p for w, p in zip(self.weights, self._params))
+        return self.layout.pieces(local_tensors, cache=stable)
 
     def state_local(self, state: Sequence[Tensor]) -> list[Tensor]:
         """Optimizer state tensors (possibly DTensors) parallel to the stepped ones, as local tensors."""
@@ -45,11 +99,11 @@ class StepTensors:
 
     def state_pieces(self, state: Sequence[Tensor]) -> list[Tensor]:
         """Pieces of optimizer state tensors (fp32, possibly DTensors) parallel to the stepped ones."""
-        return self.layout.pieces(self.layout.local(state))
+        return self.layout.pieces(self.layout.local(state), cache=True)
 
     def write_back(self) -> None:
         """Cast updated fp32 copies back into low-precision parameters."""
-        for p, w in zip(self._params, self.weights):
-            if p is not w:
-                p.copy_(w)
+        pairs = [(p, w) for p, w in zip(self._params, self.weights) if p is not w]
+        if pairs:  # one _foreach_copy_ for the whole list
+            torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
 

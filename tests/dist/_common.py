@@ -1,4 +1,7 @@
-"""Shared pieces of the distributed test scripts (run under ``torchrun``, 2 CPU processes, gloo).
+"""Shared pieces of the distributed test scripts (run under ``torchrun``, 2 processes; gloo on CPU, or NCCL).
+
+The backend comes from ``HF_LARS_TEST_BACKEND`` (``gloo`` unless set; ``dist.launch.torchrun(...,
+backend="nccl")`` sets it): under NCCL each rank uses GPU ``LOCAL_RANK`` (:func:`device`).
 
 Every script: ``init()`` first, ``finish()`` last (a barrier before destroying the process group: without
 it about one run in eight aborts at exit), results written by rank 0 as JSON to ``--out``.
@@ -37,10 +40,32 @@ def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -
     return parser.parse_args()
 
 
+def backend() -> str:
+    """The process-group backend of this run: ``HF_LARS_TEST_BACKEND`` (``gloo`` or ``nccl``)."""
+    name = os.environ.get("HF_LARS_TEST_BACKEND", "gloo")
+    if name not in ("gloo", "nccl"):
+        raise ValueError(f"HF_LARS_TEST_BACKEND={name!r}: use 'gloo' (CPU) or 'nccl' (one GPU per rank)")
+    return name
+
+
+def device() -> torch.device:
+    """Where this rank's model and data live: GPU ``LOCAL_RANK`` under NCCL, else the CPU."""
+    if backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_process_group(**kwargs: Any) -> None:
+    """``dist.init_process_group`` with this run's backend (and, under NCCL, this rank's GPU selected)."""
+    if backend() == "nccl":
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend(), **kwargs)
+
+
 def init() -> tuple[int, int]:
     torch.set_num_threads(1)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        init_process_group()
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return dist.get_rank(), dist.get_world_size()
@@ -193,7 +218,8 @@ def fsdp2_shard(model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(device().type, (dist.get_world_size(),))
+    model.to(device())
     for module in model.children():
         if any(True for _ in module.parameters()):
             fully_shard(module, mesh=mesh)

@@ -8,6 +8,7 @@ control where :func:`hf_lars.sharding.tensor_layouts` is replaced by the naive l
 uses (each flat partition / local shard is one layer, norms are local).
 
 Usage: torchrun --nproc_per_node 2 tests/dist/exact.py --engine zero2 [--bf16] --out result.json
+(``HF_LARS_TEST_BACKEND=nccl``: one GPU per rank; ``--engine zero2_offload`` keeps the partitions on the CPU.)
 """
 
 from __future__ import annotations
@@ -143,19 +144,24 @@ def deepspeed_run(
 ) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    stage = int(engine_name[-1])
-    config = C.ds_config(stage, bf16=bf16, sub_group_size=60 if model_name == "wide" else 40)
+    stage = int(engine_name.split("_")[0][-1])
+    zero: dict[str, Any] = {}
+    if engine_name.endswith("_offload"):  # ZeRO-Offload: fp32 partitions on the CPU, the client optimizer kept
+        zero = {"offload_optimizer": {"device": "cpu"}}
+    config = C.ds_config(stage, bf16=bf16, sub_group_size=60 if model_name == "wide" else 40, **zero)
+    if zero:
+        config["zero_force_ds_cpu_optimizer"] = False
     model = C.make_model(model_name)
     opt = make_optimizer(opt_name, model, split)
     counter = StepCounter(opt)
     engine = C.deepspeed_engine(model, opt, config)
     dtype = torch.bfloat16 if bf16 else torch.float32
     for batch in batches:
-        x, y = C.local_slice(batch, rank)
+        x, y = (t.to(engine.device) for t in C.local_slice(batch, rank))
         loss = C.loss_fn(engine(x.to(dtype)), y)
         engine.backward(loss)
         engine.step()
-    final = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    final = {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
     held = _held_layers(engine.module)
     engine.destroy()
     return final, counter.records, held
@@ -187,11 +193,11 @@ def fsdp2_run(
     opt = make_optimizer(opt_name, model, split)
     counter = StepCounter(opt)
     for batch in batches:
-        x, y = C.local_slice(batch, rank)
+        x, y = (t.to(C.device()) for t in C.local_slice(batch, rank))
         C.loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return C.full_state(model), counter.records, _held_layers(model)
+    return {n: t.cpu() for n, t in C.full_state(model).items()}, counter.records, _held_layers(model)
 
 
 def compare(got: dict[str, Tensor], ref: dict[str, Tensor], init: dict[str, Tensor]) -> dict[str, Any]:
@@ -231,14 +237,16 @@ def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool
 def main() -> None:
     args = C.parse_args(
         lambda p: (
-            p.add_argument("--engine", required=True, choices=["zero1", "zero2", "zero3", "fsdp2"]),
+            p.add_argument(
+                "--engine", required=True, choices=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp2"]
+            ),
             p.add_argument("--bf16", action="store_true", help="also run every case in bf16"),
             p.add_argument("--optimizers", default=",".join(OPTIMIZERS)),
             p.add_argument("--models", default="groups,mixed", help="model keys; negative controls run with 'mixed'"),
         )
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    C.init_process_group(timeout=timedelta(seconds=300))
     rank, world = C.init()
     results: dict[str, Any] = {
         "engine": args.engine,

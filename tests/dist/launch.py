@@ -1,4 +1,4 @@
-"""Run a script of ``tests/dist`` under ``torchrun`` (2 CPU processes, gloo) and return its JSON result."""
+"""Run a script of ``tests/dist`` under ``torchrun`` (2 processes, gloo or NCCL) and return its JSON result."""
 
 from __future__ import annotations
 
@@ -43,8 +43,12 @@ def torchrun(
     timeout: float = DEFAULT_TIMEOUT_S,
     env: dict[str, str] | None = None,
     partial: bool = False,
+    backend: str = "gloo",
 ) -> dict[str, Any]:
     """``torchrun --nproc_per_node nproc tests/dist/<script> --out <json> *args``; the parsed JSON.
+
+    ``backend``: ``"gloo"`` (CPU processes) or ``"nccl"`` (one GPU per process), passed to the script as
+    ``HF_LARS_TEST_BACKEND`` (scripts read it through ``_common.backend()``).
 
     With ``partial=True`` a run that fails after writing some results returns them, with the failure's
     log under the key ``"_failure"`` (scripts that write after every case let each test report its own).
@@ -69,7 +73,7 @@ def torchrun(
             str(out),
             *args,
         ]
-        return _run(cmd, out, timeout, env, partial)
+        return _run(cmd, out, timeout, {**(env or {}), "HF_LARS_TEST_BACKEND": backend}, partial)
 
 
 def _communicate(cmd: list[str], timeout: float, env: dict[str, str] | None) -> tuple[int | None, str]:
