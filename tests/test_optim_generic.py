@@ -109,6 +109,23 @@ def test_param_forms_are_equivalent(info):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
+def test_constructing_leaves_no_hook_on_the_model(info):
+    """The optimizers put no hook on the user's model (docs/design.md, "Gradient Centralization"): after
+    three constructions (and a step) no module or tensor hook exists, as on a model nothing touched."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    for _ in range(3):
+        opt = info.cls(model.named_parameters(), **{**info.required, **_first_input(info).kwargs})
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    for name, module in model.named_modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            assert not getattr(module, hooks), f"{name or 'model'}.{hooks}"
+    for name, p in model.named_parameters():
+        assert not p._backward_hooks, f"{name}: tensor hook"
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), f"{name}: post-accumulate-grad hook"
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
 def test_step_with_closure(info):
     """step(closure) evaluates the closure once, with grad enabled, steps on its gradients and returns its
     loss; the same step without a closure (gradients computed beforehand) gives the same result."""
