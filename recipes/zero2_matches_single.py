@@ -25,7 +25,8 @@ Controls, to give a difference its scale:
 - negative control (``--no-naive`` to skip): AdamLARS under ZeRO-2 with the norms computed per flat partition
   (what LAMB implementations that ignore the sharding do);
 - RangerLARS only: one process with Gradient Centralization applied *before* the gradient clipping, the order
-  under ZeRO (GC runs in gradient hooks, before DeepSpeed reduces and clips).
+  under ZeRO while GC ran in gradient hooks before DeepSpeed reduced and clipped.  GC now runs inside
+  ``step()`` in every mode, after clipping, so ZeRO-2 should match ``single`` and this is a control.
 
 Reported per comparison: the max over steps of ``|loss_a - loss_b|``, the first step where it exceeds 1e-4,
 the max relative difference of the final weights (per tensor ``||w_a - w_b|| / ||w_a||``), both test losses.
@@ -150,8 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # the single-process run, and two single-process controls: the same run with each batch's gradient summed
     # over its two halves (what the two ranks compute; only the floating-point summation order changes: the
-    # noise floor), and, for RangerLARS, Gradient Centralization applied before the gradient clipping (the
-    # order under ZeRO, where GC runs in gradient hooks before DeepSpeed reduces and clips)
+    # noise floor), and, for RangerLARS, Gradient Centralization applied before the gradient clipping (a
+    # control: the order under ZeRO while GC ran in gradient hooks; now GC runs in step(), after clipping)
     variants = [(opt, v) for opt in args.optimizers for v in ("single", "halves")]
     variants += [("ranger_lars", "gc_first")] if "ranger_lars" in args.optimizers else []
     single: dict[str, Any] = {}

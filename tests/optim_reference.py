@@ -104,7 +104,8 @@ class ReferenceLARS(ReferenceOptimizer):
         buf = momentum * buf + rho * d                       (first step: buf = rho * d)
         w   = w - lr * buf                                   (nesterov: w - lr * (rho * d + momentum * buf))
 
-    Excluded layers: rho = 1, wd = 0.
+    Excluded layers: rho = 1, wd = 0.  The ratio returned for an unrectified step (which applies none) is
+    ``||w|| / ||m^ + wd * w||``, what the optimizer reports then.
     """
 
     def _step_layer(self, i: int, g: Tensor) -> float:
@@ -187,11 +188,12 @@ class ReferenceRangerLARS(ReferenceOptimizer):
         rho_inf = 2/(1-b2) - 1 ;  rho_t = rho_inf - 2*t*b2^t/(1-b2^t)
         if rho_t > threshold: r = m^ / (sqrt(v^) + eps)
                               s = sqrt((rho_t-4)(rho_t-2)rho_inf / ((rho_inf-4)(rho_inf-2)rho_t))
-        else:                 r = m^ ;  s = 1
-        u = r + wd * w ;  rho = ||w|| / ||u|| ;  w = w - lr * s * rho * u
+                              u = r + wd * w ;  rho = ||w|| / ||u|| ;  w = w - lr * s * rho * u
+        else:                 no update                   (degenerated_to_sgd: w = w - lr * m^)
         every k steps:  slow = slow + alpha * (w - slow) ;  w = slow      (slow starts as w at step 0)
 
-    Excluded layers: rho = 1, wd = 0.
+    Excluded layers: rho = 1, wd = 0.  The ratio returned for an unrectified step (which applies none) is
+    ``||w|| / ||m^ + wd * w||``, what the optimizer reports then.
 
     ``s_inside_ratio=True`` is the *wrong* variant found in RangerLars ports (``u = s * r + wd * w``, no
     ``s`` outside the ratio): with ``wd = 0`` the ``s`` cancels in ``rho * u``.  Tests use it to show the
@@ -212,12 +214,13 @@ class ReferenceRangerLARS(ReferenceOptimizer):
         t = _adam_moments(st, g, beta1, beta2)
         m_hat = st["exp_avg"] / (1 - beta1**t)
         v_hat = st["exp_avg_sq"] / (1 - beta2**t)
-        if radam_rho(t, beta2) > hp["rectify_threshold"]:
+        rectified = radam_rho(t, beta2) > hp["rectify_threshold"]
+        if rectified:
             r = m_hat / (v_hat.sqrt() + hp["eps"])
             s = radam_s(t, beta2)
         else:
-            r, s = m_hat, 1.0
-        if self.s_inside_ratio:
+            r, s = m_hat, 0.0
+        if self.s_inside_ratio and rectified:
             r, s = s * r, 1.0
         rho = 1.0
         u = r
@@ -226,6 +229,8 @@ class ReferenceRangerLARS(ReferenceOptimizer):
             w_norm, u_norm = _norm(w), _norm(u)
             rho = _ratio(w_norm, u_norm, w_norm, u_norm)
         w = w - hp["lr"] * s * rho * u
+        if not rectified and hp["degenerated_to_sgd"]:
+            w = w - hp["lr"] * m_hat
         if t % hp["k"] == 0:
             st["slow_buffer"] = st["slow_buffer"] + hp["alpha"] * (w - st["slow_buffer"])
             w = st["slow_buffer"].clone()

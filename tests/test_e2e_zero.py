@@ -52,6 +52,25 @@ def _case(runs: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- Trainer
+TRAINER_STEPS = {"adam_lars": STEPS, "lars": STEPS, "ranger_lars": 8}  # tests/dist/e2e_trainer.py
+MAX_GRAD_NORM = 0.1  # tests/dist/e2e_trainer.py: Trainer's max_grad_norm, DeepSpeed's gradient_clipping
+
+
+def _matches_ddp(zero: dict[str, Any], ddp: dict[str, Any], optim: str) -> None:
+    """Clip-then-step under ZeRO equals DDP's: losses, logged norms and ratios, final weights."""
+    assert zero["gradient_clipping"] == MAX_GRAD_NORM  # "auto" filled from max_grad_norm, as DDP clips
+    assert min(ddp["grad_norms"]) > MAX_GRAD_NORM, "clipping never clipped: the comparison does not cover it"
+    assert len(zero["losses"]) == TRAINER_STEPS[optim]
+    assert zero["losses"] == pytest.approx(ddp["losses"], rel=LOSS_RTOL)
+    assert zero["learning_rates"] == pytest.approx(ddp["learning_rates"])
+    # DeepSpeed logs the norm of the raw gradient, as DDP does: Gradient Centralization runs in the step
+    assert zero["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=RATIO_RTOL)
+    assert None not in zero["trust_ratio_max"]
+    assert zero["trust_ratio_max"] == pytest.approx(ddp["trust_ratio_max"], rel=RATIO_RTOL)
+    assert zero["moved"] > MIN_MOVED
+    assert zero["max_abs_diff"] <= WEIGHT_ATOL
+
+
 @pytest.mark.parametrize(("optim", "cls"), [("adam_lars", "AdamLARS"), ("ranger_lars", "RangerLARS")])
 def test_trainer_zero3_matches_ddp(optim: str, cls: str) -> None:
     runs = trainer_runs()
@@ -61,25 +80,21 @@ def test_trainer_zero3_matches_ddp(optim: str, cls: str) -> None:
     assert zero["zero_optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and zero["optimizer"] == cls
     assert zero["world_size"] == 2 and zero["distributed_type"] == "DistributedType.DEEPSPEED"
     assert zero["zero3_init"], "the model was built after TrainingArguments, inside deepspeed.zero.Init"
-    assert zero["gradient_clipping"] == 1.0  # "auto" filled from max_grad_norm, as DDP clips
     assert zero["init_max_abs_diff"] == 0.0  # every run started from the same weights
     if optim == "ranger_lars":  # sub_group_size 1000: DeepSpeed calls step() once per sub-group
         assert zero["sub_groups"] > 2, zero["sub_groups"]
     assert ddp["engine"] == "DistributedDataParallel" and ddp["distributed_type"] == "DistributedType.MULTI_CPU"
     assert ddp["world_size"] == 2 and ddp["optimizer"] == cls
+    _matches_ddp(zero, ddp, optim)
 
-    assert len(zero["losses"]) == STEPS
-    assert zero["losses"] == pytest.approx(ddp["losses"], rel=LOSS_RTOL)
-    assert zero["learning_rates"] == pytest.approx(ddp["learning_rates"])
-    assert None not in zero["trust_ratio_max"]
-    if optim == "adam_lars":  # one sub-group per param group (the shipped sub_group_size); ranger_lars: below
-        # gathered from both ranks' pieces of every layer
-        assert zero["trust_ratio_max"] == pytest.approx(ddp["trust_ratio_max"], rel=RATIO_RTOL)
-        # (RangerLARS under ZeRO centres gradients in hooks before DeepSpeed measures their norm: it logs the norm
-        # of the centred gradient, DDP that of the raw one.)
-        assert zero["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=RATIO_RTOL)
-    assert zero["moved"] > MIN_MOVED
-    assert zero["max_abs_diff"] <= WEIGHT_ATOL
+
+@pytest.mark.parametrize(("optim", "cls"), [("ranger_lars", "RangerLARS"), ("lars", "LARS")])
+def test_trainer_zero2_with_clipping_matches_ddp(optim: str, cls: str) -> None:
+    runs = trainer_runs()
+    zero, ddp = _case(runs, f"zero2_{optim}"), _case(runs, f"ddp_{optim}")
+    assert zero["zero_stage"] == 2 and zero["zero_optimizer"] == "DeepSpeedZeroOptimizer"
+    assert zero["optimizer"] == cls == ddp["optimizer"]
+    _matches_ddp(zero, ddp, optim)
 
 
 def test_trainer_zero3_logs_the_trust_ratios_of_every_sub_group() -> None:

@@ -36,6 +36,10 @@ OPT_IDS = [info.name for info in OPTIMIZERS]
 
 
 def _first_input(info):
+    """The table's first input; for RangerLARS its ``degenerated_to_sgd`` one: by default RangerLARS takes no
+    step while RAdam is unrectified (steps 1-5), and these tests check what one step does."""
+    if info.name == "RangerLARS":
+        return next(i for i in info.inputs if i.kwargs.get("degenerated_to_sgd"))
     return info.inputs[0]
 
 
@@ -102,6 +106,23 @@ def test_param_forms_are_equivalent(info):
     for form in ("named", "generator", "group dict"):
         for a, b in zip(run(form), expected):
             assert torch.equal(a, b), form
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
+def test_constructing_leaves_no_hook_on_the_model(info):
+    """The optimizers put no hook on the user's model (docs/design.md, "Gradient Centralization"): after
+    three constructions (and a step) no module or tensor hook exists, as on a model nothing touched."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    for _ in range(3):
+        opt = info.cls(model.named_parameters(), **{**info.required, **_first_input(info).kwargs})
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    for name, module in model.named_modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            assert not getattr(module, hooks), f"{name or 'model'}.{hooks}"
+    for name, p in model.named_parameters():
+        assert not p._backward_hooks, f"{name}: tensor hook"
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), f"{name}: post-accumulate-grad hook"
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)

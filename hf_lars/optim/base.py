@@ -176,7 +176,9 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             return cached[1], cached[2], cached[3]
         layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
-        layout = StepLayout(layouts, num_layers=len(layers), device=stepped[0].device)  # a DTensor's: its shard's
+        layout = StepLayout(
+            layouts, num_layers=len(layers), device=stepped[0].device, layer_shapes=shapes
+        )  # device: a DTensor's is its shard's
         adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
         join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
         self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, join)
@@ -225,6 +227,14 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
     # precision"), as it does for torch's fused optimizers.
     _step_supports_amp_scaling = True
 
+    def _prepare_group(self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout) -> None:
+        """Work a rule does before anything else in a group's step; every rank calls it, with pieces or not.
+
+        Called before the norms' collective, also on ranks that hold no piece (ZeRO padding) or no adapted
+        piece, so a collective a rule needs ahead of its norms (RangerLARS: the cut-row sums of Gradient
+        Centralization) is made by every rank in the same order.  Default: nothing.
+        """
+
     @torch.no_grad()
     def step(
         self,
@@ -271,6 +281,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if not stepped:
                 continue
             layout, adapt, join = self._step_layout(group, group_index, stepped)
+            self._prepare_group(group, stepped, layout)
             if join and not any(adapt):
                 # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
                 layout.select(adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])

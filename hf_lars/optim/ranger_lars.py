@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout, expand_scalars, install_grad_centralization_hooks
+from hf_lars.layout import StepLayout, expand_scalars
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
 from hf_lars.optim.moments import (
     adam_direction,
@@ -18,7 +18,7 @@ from hf_lars.optim.moments import (
     step_scalars,
 )
 from hf_lars.optim.adam_lars import check_betas
-from hf_lars.optim.trust import adam_trust_ratio, trust_ratio_step
+from hf_lars.optim.trust import adam_trust_ratio, apply_update, trust_ratio_step
 from hf_lars.optim.working_copies import StepTensors
 
 __all__ = ["RangerLARS", "ranger_lars", "radam_rectification", "centralize_gradient"]
@@ -34,15 +34,24 @@ class RangerLARS(TrustRatioOptimizer):
         &\rho_\infty = 2/(1-\beta_2) - 1, \qquad \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
         &\text{if } \rho_t > \tau:\ r_t = \hat m_t/(\sqrt{\hat v_t}+\epsilon),\
             s_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
-            \qquad \text{else } r_t = \hat m_t,\ s_t = 1 \\
-        &u_t = r_t + \lambda w_{t-1}, \qquad \phi_t = \|w_{t-1}\|/\|u_t\| \\
-        &w_t = w_{t-1} - \gamma\, s_t\, \phi_t\, u_t \\
+            \\
+        &\quad u_t = r_t + \lambda w_{t-1}, \qquad \phi_t = \|w_{t-1}\|/\|u_t\|, \qquad
+            w_t = w_{t-1} - \gamma\, s_t\, \phi_t\, u_t \\
+        &\text{else: } w_t = w_{t-1} \quad (\texttt{degenerated\_to\_sgd}:\ w_t = w_{t-1} - \gamma \hat m_t) \\
         &\text{every } k \text{ steps: } \tilde w \leftarrow \tilde w + \alpha (w_t - \tilde w),\ w_t \leftarrow \tilde w
             \quad (\tilde w_0 = w_0)
         \end{aligned}
 
     The rectification :math:`s_t` multiplies the step *outside* the trust ratio :math:`\phi_t`: any scalar
     inside :math:`u_t` cancels in :math:`\phi_t u_t`, which would silently delete RAdam's variance warmup.
+
+    While the variance is unrectified (:math:`\rho_t \le \tau`: the first 5 steps at
+    :math:`\beta_2 = 0.999`) no step is taken: the moments accumulate and the step counts for Lookahead.
+    RAdam's own fallback there (:math:`r_t = \hat m_t`, :math:`s_t = 1`) is wrong under a trust ratio:
+    :math:`\phi_t u_t` has norm :math:`\|w\|`, so each such step moves every layer by ``lr`` relative to
+    its weights, against ``lr * s`` with ``s ~ 0.03`` on the first rectified steps.  ``degenerated_to_sgd``
+    (RAdam's name) restores the SGD-momentum fallback *without* trust ratio or weight decay, for runs
+    ported from Ranger.
 
     References: L. Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond* (RAdam),
     arXiv:1908.03265; M. Zhang et al., *Lookahead Optimizer: k steps forward, 1 step back*,
@@ -59,6 +68,8 @@ class RangerLARS(TrustRatioOptimizer):
         k: Lookahead synchronization period (>= 1).
         alpha: Lookahead slow-weight step in (0, 1].
         rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
+        degenerated_to_sgd: while unrectified, step ``w -= lr * m^`` (no trust ratio, no weight decay)
+            instead of not stepping.
         exclude_1d: 1-D layers get neither trust ratio nor weight decay.
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
@@ -75,6 +86,7 @@ class RangerLARS(TrustRatioOptimizer):
         alpha: float = 0.5,
         rectify_threshold: float = 5.0,
         exclude_1d: bool = True,
+        degenerated_to_sgd: bool = False,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -88,8 +100,11 @@ class RangerLARS(TrustRatioOptimizer):
             alpha=alpha,
             rectify_threshold=rectify_threshold,
             exclude_1d=exclude_1d,
+            degenerated_to_sgd=degenerated_to_sgd,
             foreach=foreach,
         )
+        # The centred gradients of a ZeRO step, from _prepare_group to _step_group (one group at a time).
+        self._centred_grads: list[Tensor] | None = None
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -101,16 +116,23 @@ class RangerLARS(TrustRatioOptimizer):
             raise ValueError(f"Invalid k value: {group['k']!r} (allowed: an integer >= 1)")
         check_range("alpha", group["alpha"], 0.0, 1.0, low_open=True)
         check_range("rectify_threshold", group["rectify_threshold"], 4.0, low_open=True)
+        if not isinstance(group["degenerated_to_sgd"], bool):
+            raise ValueError(
+                f"Invalid degenerated_to_sgd value: {group['degenerated_to_sgd']!r} (allowed: True or False)"
+            )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if self.param_groups[-1]["use_gc"]:
-            # Under ZeRO the step sees flat partitions, where rows are cut at arbitrary points: centre each
-            # rank's gradient before reduction instead (GC is linear, so this is exact).  The hooks do
-            # nothing for parameters no sharding engine manages.  TEMPORARY: the sharding package installs
-            # them through the plug-in in hf_lars.layout, until GC moves into step() (docs/design.md,
-            # "Gradient Centralization").
-            install_grad_centralization_hooks(self._layers[-1], centralize_gradient)
+    def _prepare_group(self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout) -> None:
+        """Gradient Centralization of ZeRO flat partitions, whose rows partition boundaries may cut.
+
+        Completing a cut row takes an all-reduce of its partial sums (:class:`hf_lars.layout.RowCentring`),
+        which must come before the norms' collective and be made by every rank of the group, also by one
+        whose partition holds no piece; so it runs here, before :meth:`_step_group`, which takes the result.
+        """
+        self._centred_grads = None
+        if not group["use_gc"] or layout.process_group is None or all(lay.whole_rows for lay in layout.layouts):
+            return
+        grads = [g if g.dtype == torch.float32 else g.float() for g in layout.local([p.grad for p in stepped])]
+        self._centred_grads = layout.row_centring().centre(grads, centralize_gradient)
 
     def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
@@ -123,9 +145,10 @@ class RangerLARS(TrustRatioOptimizer):
         self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
     ) -> tuple[list[int], Tensor] | None:
         states = [self.state[p] for p in stepped]
+        centred, self._centred_grads = self._centred_grads, None
         return ranger_lars(
             stepped,
-            [p.grad for p in stepped],
+            [p.grad for p in stepped] if centred is None else centred,
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["slow_buffer"] for s in states],
@@ -141,6 +164,8 @@ class RangerLARS(TrustRatioOptimizer):
             k=group["k"],
             alpha=group["alpha"],
             rectify_threshold=group["rectify_threshold"],
+            degenerated_to_sgd=group["degenerated_to_sgd"],
+            centred=centred is not None,
             foreach=foreach,
         )
 
@@ -162,7 +187,7 @@ def centralize_gradient(grad: Tensor) -> Tensor:
 
     Computed in fp32 for bf16/fp16 (the result is cast back), in the gradient's own dtype otherwise.
     Tensors with at most one dimension are returned unchanged.  The package's one GC function: the step
-    uses it on whole rows, and the temporary ZeRO hooks of the sharding package are handed it.
+    uses it on tensors that hold whole rows (:class:`hf_lars.layout.RowCentring` completes cut rows).
     """
     if grad.dim() <= 1:
         return grad
@@ -190,23 +215,34 @@ def ranger_lars(
     k: int,
     alpha: float,
     rectify_threshold: float,
+    degenerated_to_sgd: bool = False,
+    centred: bool = False,
     foreach: bool,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
+
+    ``centred``: ``grads`` are already centred (Gradient Centralization of ZeRO flat partitions, done
+    before the step by :meth:`RangerLARS._prepare_group`).  While a tensor is unrectified its trust-ratio
+    step is scaled by 0 (a 0/1 mask on the device, no host sync); ``degenerated_to_sgd`` adds
+    ``-lr * m^`` there instead.  The ratios reported for such steps are those of ``u = m^ + wd * w``.
+    """
     work = StepTensors(params, grads, layout)
-    # Gradient Centralization only where each local tensor holds whole rows; flat ZeRO partitions were
-    # centred before reduction.
-    centre = [use_gc and g.ndim > 1 and lay.whole_rows for g, lay in zip(work.grads, layout.layouts)]
     tensor_by_tensor = not foreach and layout.trivial
-    if not tensor_by_tensor:
-        work.grads = [centralize_gradient(g) if c else g for g, c in zip(work.grads, centre)]
+    centre = [use_gc and not centred and g.ndim > 1 for g in work.grads]
+    if use_gc and not centred and not tensor_by_tensor:
+        # Whole rows centred locally; rows cut by a flat partition without a process group likewise.
+        work.grads = layout.row_centring().centre(work.grads, centralize_gradient)
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)
     t = torch.stack(steps)  # one value per stepped tensor (all pieces of a tensor share its step)
     t64 = step_scalars(t)
     rectified, s = (x.float() for x in radam_rectification(t64, beta2, rectify_threshold))
     bc1, bc2 = (1 - beta1**t64).float(), (1 - beta2**t64).float()
-    scale = layout.per_piece(s * -lr)
+    # Unrectified tensors take no trust-ratio step (docs/design.md, "The update rules").
+    scale = layout.per_piece(s * rectified * -lr)
+    # degenerated_to_sgd: RAdam's fallback w -= lr * m / (1 - beta1^t) while unrectified, read from the
+    # updated first moment after the moments step (no trust ratio, no weight decay).
+    fallback = layout.per_piece((1 - rectified) * -lr / bc1) if degenerated_to_sgd else None
     # Lookahead: on steps that are multiples of k, slow += alpha * (w - slow); w = slow.  Written with a
     # 0/1 weight per piece so no Python branch depends on a device value.
     sync = layout.per_piece((torch.remainder(t, k) == 0).to(t.dtype))
@@ -222,6 +258,7 @@ def ranger_lars(
             bc2,
             rectified,
             scale,
+            fallback,
             sync,
             adapt,
             beta1=beta1,
@@ -251,6 +288,8 @@ def ranger_lars(
     result = trust_ratio_step(
         layout, adapt, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
     )
+    if fallback is not None:
+        apply_update(w, work.state_pieces(exp_avgs), fallback, foreach)
     slow = work.state_pieces(slow_buffers)
     if foreach:
         # Per-piece Lookahead weights broadcast once (expand_scalars): on CUDA's multi-tensor fast path.
@@ -275,6 +314,7 @@ def _tensor_by_tensor_ranger_lars(
     bc2: Tensor,
     rectified: Tensor,
     scale: Tensor,
+    fallback: Tensor | None,
     sync: Tensor,
     adapt: list[bool],
     *,
@@ -315,6 +355,8 @@ def _tensor_by_tensor_ranger_lars(
             ratios.append(ratio)
         else:
             wi.addcmul_(u, scale[i])
+        if fallback is not None:
+            wi.addcmul_(exp_avgs[i], fallback[i])
         slow_buffers[i].lerp_(wi, sync[i] * alpha)
         wi.lerp_(slow_buffers[i], sync[i])
     return torch.stack(ratios) if ratios else None

@@ -9,8 +9,9 @@ process group to all-reduce partial norms over).  Layouts are built once per set
 cached by the optimizer, so nothing here runs on the hot path.
 
 The optimizers never import this package: importing it (``import hf_lars`` does) registers
-:func:`tensor_layouts` as the layout resolver of :mod:`hf_lars.layout`, and, temporarily, the ZeRO
-Gradient Centralization hooks.  It imports only the layout contract and torch.
+:func:`tensor_layouts` as the layout resolver of :mod:`hf_lars.layout`.  It imports only the layout
+contract and torch.  Each ZeRO segment carries its offset inside its layer (``Segment.layer_offset``), so
+row-wise operations (Gradient Centralization) can complete rows that a partition boundary cuts.
 
 Supported:
 
@@ -36,15 +37,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hf_lars.layout import TensorLayout, is_dtensor, register_grad_hook_installer, register_layout_resolver
+from hf_lars.layout import TensorLayout, is_dtensor, register_layout_resolver
 from hf_lars.sharding import fsdp, unsharded, zero, zero3
-from hf_lars.sharding.grad_centralization import install_grad_centralization_hooks
 from hf_lars.sharding.zero3 import layer_shape
 
 __all__ = [
     "tensor_layouts",
     "layer_shape",
-    "install_grad_centralization_hooks",
     "is_dtensor",
     "is_deepspeed_zero_param",
 ]
@@ -143,4 +142,3 @@ def _resolve(
 
 
 register_layout_resolver(_resolve)
-register_grad_hook_installer(install_grad_centralization_hooks)  # TEMPORARY: see grad_centralization

@@ -7,6 +7,8 @@ mixed_precision_linkage.py``, ``link_hp_params``):
 * ``p._hp_mapping``: ``None`` when ``p`` has no element on this rank, else a ``tensor_fragment`` whose
   ``hp_fragment`` is ``flat.narrow(0, start, numel)`` and ``get_hp_fragment_address()`` gives
   ``(start, numel)`` relative to ``flat``;
+* ``p._hp_mapping.lp_fragment_address.start``: where that piece starts inside the flattened ``p``
+  (the segment's ``layer_offset``);
 * ``p._dp_group``: the data-parallel process group the partition is sharded over.
 
 The alignment padding between parameters and at the end of the last rank's partition belongs to no
@@ -82,7 +84,9 @@ def flat_partition_layout(flat: Tensor, layers: Sequence[Tensor]) -> TensorLayou
                 f"position in the flat partition ({hp.storage_offset() - flat.storage_offset()}); this "
                 "DeepSpeed version links parameters differently than hf_lars expects."
             )
-        segments.append(Segment(j, int(address.start), int(address.numel)))
+        # lp_fragment_address: where the piece starts inside the (flattened) low-precision parameter.
+        layer_offset = int(fragment.lp_fragment_address.start)
+        segments.append(Segment(j, int(address.start), int(address.numel), layer_offset))
     if foreign:
         raise ValueError(
             f"hf_lars: layers {foreign[:8]} of this param group are DeepSpeed ZeRO parameters whose pieces live in "

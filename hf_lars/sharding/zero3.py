@@ -98,8 +98,8 @@ def flat_partition_layout(flat: Tensor, layers: Sequence[Tensor]) -> TensorLayou
                 f"hf_lars: ZeRO-3 partition of layer {j} (offset {offset}, numel {numel}) overruns sub-group "
                 f"{sub_group}'s flat tensor of {flat.numel()} elements."
             )
-        if real > 0:
-            segments.append(Segment(j, int(offset), real))
+        if real > 0:  # rank r holds the parameter's elements from r * partition_numel on
+            segments.append(Segment(j, int(offset), real, rank * int(numel)))
     if process_group is None:
         raise ValueError(f"hf_lars: ZeRO-3 sub-group {sub_group} holds no parameters.")
     return TensorLayout(tuple(segments), process_group=process_group, whole_rows=False, dtensor=False)

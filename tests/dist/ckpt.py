@@ -30,7 +30,9 @@ STEPS = 4
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "lars": (LARS, {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-2, "trust_coefficient": 0.02}),
     "adam_lars": (AdamLARS, {"lr": 1e-2, "weight_decay": 1e-2}),
-    "ranger_lars": (RangerLARS, {"lr": 1e-2, "weight_decay": 1e-2, "k": 3}),
+    # degenerated_to_sgd: RangerLARS steps from step 1 (by default not in its first 5, unrectified, steps),
+    # so the weights and the Lookahead slow weights at the save differ from the initial ones.
+    "ranger_lars": (RangerLARS, {"lr": 1e-2, "weight_decay": 1e-2, "k": 3, "degenerated_to_sgd": True}),
 }
 
 

@@ -6,12 +6,16 @@ Run by ``tests/test_e2e_zero.py`` under ``torchrun --nproc_per_node 2``; rank 0 
 * ``zero3_ranger_lars``: the same file with the tiny model's parameters really partitioned
   (``stage3_param_persistence_threshold`` 0) and split into several optimizer sub-groups (``sub_group_size``),
   ``--optim ranger_lars --optim_args k=2`` (Lookahead syncs inside the run).
+* ``zero2_ranger_lars``, ``zero2_lars``: ``ds_configs/zero2.json`` with ``--optim ranger_lars`` / ``lars``.
 * ``zero2_json``: ``ds_configs/zero2.json`` plus ``"optimizer": {"type": "AdamLARS", "params": {"lr": "auto",
   "weight_decay": "auto"}}`` after ``hf_lars.register()``: DeepSpeed builds hf_lars's AdamLARS; compared with
   ``ddp_adam_lars`` (the flat parameter list DeepSpeed gets excludes the same 1-D layers as Trainer's no-decay
   group).
 * ``ddp_<optim>``: the references, plain DDP (``TrainingArguments(use_cpu=True)``: Accelerate's MULTI_CPU state,
   gloo).  Same global batch (2 x 4), data order, schedule and clipping as the DeepSpeed runs.
+
+Every run clips: ``max_grad_norm`` 0.1 (DeepSpeed's ``gradient_clipping`` "auto" takes it), below every logged
+pre-clip gradient norm, so RangerLARS's Gradient Centralization must come after clipping under ZeRO as under DDP.
 
 The DeepSpeed runs come first, on the state ``init_cpu_distributed_state(deepspeed=True)`` creates, with
 ``accelerator_config={"use_configured_state": True}``.  They build the model *after* ``TrainingArguments`` like a
@@ -36,16 +40,21 @@ import torch.distributed as dist
 from hf_common import TokenBlocks, tiny_args, tiny_model
 
 STEPS = 4
+MAX_GRAD_NORM = 0.1  # clips at every step (the logged pre-clip norms are asserted above it)
 COMMON = dict(
-    max_steps=STEPS,
     per_device_train_batch_size=4,
     weight_decay=0.01,
     lr_scheduler_type="warmup_poly",
     warmup_steps=1,
-    max_grad_norm=1.0,  # Trainer's default; DeepSpeed's "gradient_clipping": "auto" is filled from it
+    max_grad_norm=MAX_GRAD_NORM,  # DeepSpeed's "gradient_clipping": "auto" is filled from it
     adam_epsilon=1e-6,  # AdamLARS's own default, which the JSON route (no "eps" key) keeps
 )
-OPTIMS = {"adam_lars": dict(learning_rate=1e-2), "ranger_lars": dict(learning_rate=1e-2, optim_args="k=2")}
+# RangerLARS takes no step in its first 5 (unrectified) steps: 8 steps, 3 of them real, Lookahead syncs at 2k.
+OPTIMS = {
+    "adam_lars": dict(learning_rate=1e-2, max_steps=STEPS),
+    "ranger_lars": dict(learning_rate=0.1, optim_args="k=2", max_steps=8),  # s ~ 0.03: lr 0.1 to move
+    "lars": dict(learning_rate=0.5, max_steps=STEPS),
+}
 
 
 def zero3_partitioned() -> dict[str, Any]:
@@ -151,6 +160,8 @@ def main() -> None:
             "zero3_adam_lars": ("adam_lars", str(C.REPO / "ds_configs" / "zero3.json")),
             "zero3_ranger_lars": ("ranger_lars", zero3_partitioned()),
             "zero2_json": ("json", zero2_json()),
+            "zero2_ranger_lars": ("ranger_lars", str(C.REPO / "ds_configs" / "zero2.json")),
+            "zero2_lars": ("lars", str(C.REPO / "ds_configs" / "zero2.json")),
         }
         for name, (optim, cfg) in cases.items():
             z3 = name.startswith("zero3")
@@ -168,7 +179,13 @@ def main() -> None:
             name = f"ddp_{optim}"
             results[name], _, finals[name] = run(os.path.join(tmp, name), optim, init=init)
             C.write(args.out, results)
-    references = {"zero3_adam_lars": "adam_lars", "zero3_ranger_lars": "ranger_lars", "zero2_json": "adam_lars"}
+    references = {
+        "zero3_adam_lars": "adam_lars",
+        "zero3_ranger_lars": "ranger_lars",
+        "zero2_json": "adam_lars",
+        "zero2_ranger_lars": "ranger_lars",
+        "zero2_lars": "lars",
+    }
     for name, ref in references.items():
         results[name]["max_abs_diff"] = max_diff(finals[name], finals[f"ddp_{ref}"])
         results[name]["moved"] = max_diff(finals[name], init)  # how far training moved the weights

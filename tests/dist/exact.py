@@ -27,11 +27,14 @@ from torch import Tensor, nn
 
 import hf_lars.sharding
 from hf_lars import LARS, AdamLARS, RangerLARS
-from hf_lars.optim.ranger_lars import centralize_gradient
 from hf_lars.sharding import is_dtensor
 from recipes._naive_layout import naive_tensor_layouts
 
-STEPS = 6
+STEPS = 10  # RangerLARS takes no step in its first 5 (unrectified) steps, then 5 real ones
+# Gradient clipping on in every run (as by default in Trainer and DeepSpeed), small enough that it clips at
+# every step: the references clip the global gradient norm (torch.nn.utils.clip_grad_norm_), the engines
+# use DeepSpeed's `gradient_clipping`.  The pre-clip norms are recorded (min_grad_norm) and asserted > CLIP.
+CLIP = 0.1
 # Per-case limits: the first DeepSpeed case may JIT-build DeepSpeed's shared-memory op (~30 s to 2 min).
 CASE_LIMIT_S = 60.0
 FIRST_CASE_LIMIT_S = 600.0
@@ -64,18 +67,32 @@ class StepCounter:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         groups = [g for g in self.optimizer.param_groups if any(p.grad is not None for p in g["params"])]
+        keys = [self._layout_key(g) for g in groups]
         with C.count_all_reduce() as calls:
             out = self._step(*args, **kwargs)
+        plans = [self._row_centring(key) for key in keys]
         self.records.append(
             {
                 "calls": len(calls),
                 "groups": len(groups),
                 "adapted_groups": sum(self._has_adapted_layer(g) for g in groups),
+                # Gradient Centralization's all-reduce of cut-row sums (RangerLARS under ZeRO)
+                "gc_collectives": sum(p is not None and p.collective for p in plans),
+                "cut_rows": sum(p.num_cut_rows for p in plans if p is not None),
                 "payload": max(calls, default=0),
                 "max_payload": 2 * max((self.layers_per_group.get(id(g), 0) for g in groups), default=0),
             }
         )
         return out
+
+    def _layout_key(self, group: dict[str, Any]) -> tuple[int, tuple[int, ...]]:
+        """The optimizer's layout-cache key of this group's step (``TrustRatioOptimizer._step_layout``)."""
+        group_index = self.optimizer._group_index[id(group)]
+        return group_index, tuple(id(p) for p in group["params"] if p.grad is not None)
+
+    def _row_centring(self, key: tuple[int, tuple[int, ...]]) -> Any:
+        cached = self.optimizer._layout_cache.get(key)
+        return None if cached is None else cached[1]._row_centring
 
     def _has_adapted_layer(self, group: dict[str, Any]) -> bool:
         """Whether the group has a layer that takes the trust ratio (else no rank needs to communicate)."""
@@ -95,26 +112,29 @@ def make_optimizer(opt_name: str, model: nn.Module, split: bool, **overrides: An
     return cls(groups, **kwargs)
 
 
-def reference_run(opt_name: str, model_name: str, split: bool, batches: list, bf16: bool) -> dict[str, Tensor]:
-    """One process, whole global batch, no sharding (bf16: a bf16 model stepped through fp32 masters)."""
+def reference_run(
+    opt_name: str, model_name: str, split: bool, batches: list, bf16: bool
+) -> tuple[dict[str, Tensor], float]:
+    """One process, whole global batch, no sharding, clip then step (bf16: a bf16 model stepped through fp32
+    masters).  Returns the final weights and the smallest pre-clip global gradient norm of the run."""
     model = C.make_model(model_name)
+    norms = []
     if not bf16:
         opt = make_optimizer(opt_name, model, split)
         with C.count_all_reduce() as calls:
             for x, y in batches:
                 C.loss_fn(model(x), y).backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         assert not calls, "the unsharded reference must not communicate"
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, min(norms)
     # DeepSpeed's bf16 arithmetic, emulated: each rank's bf16 gradient of its half batch, divided by the
-    # world size and summed in bf16, accumulated into fp32 masters.
-    # Gradient Centralization runs where the hooks run it under ZeRO: on each rank's bf16 gradient (in
-    # fp32, rounded back to bf16) before the reduction, not on the reduced fp32 gradient in the step.
+    # world size and summed in bf16, accumulated into fp32 masters, clipped in fp32.  Gradient
+    # Centralization (RangerLARS) runs in the step, on the reduced fp32 gradient, as under ZeRO.
     model = model.to(torch.bfloat16)
     master = copy.deepcopy(model).float()  # DeepSpeed's masters start from the bf16 weights
-    gc = bool(OPTIMIZERS[opt_name][1].get("use_gc"))
-    opt = make_optimizer(opt_name, master, split, use_gc=False) if gc else make_optimizer(opt_name, master, split)
+    opt = make_optimizer(opt_name, master, split)
     pairs = list(zip(model.parameters(), master.parameters()))
     world = len(batches[0][0]) // C.MICRO_BATCH
     for batch in batches:
@@ -123,20 +143,18 @@ def reference_run(opt_name: str, model_name: str, split: bool, batches: list, bf
             x, y = C.local_slice(batch, r)
             C.loss_fn(model(x.to(torch.bfloat16)), y).backward()
             for i, (p, _) in enumerate(pairs):
-                grad = p.grad
-                if gc:  # what the Gradient Centralization hooks do to each rank's gradient under ZeRO
-                    grad = centralize_gradient(grad)
-                part = grad / world
+                part = p.grad / world
                 total[i] = part if total[i] is None else total[i] + part
                 p.grad = None
         for (_, m), g in zip(pairs, total):
             m.grad = g.float()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(master.parameters(), CLIP)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for p, m in pairs:
                 p.copy_(m)
-    return {n: p.detach().clone() for n, p in master.named_parameters()}
+    return {n: p.detach().clone() for n, p in master.named_parameters()}, min(norms)
 
 
 def deepspeed_run(
@@ -151,6 +169,7 @@ def deepspeed_run(
     config = C.ds_config(stage, bf16=bf16, sub_group_size=60 if model_name == "wide" else 40, **zero)
     if zero:
         config["zero_force_ds_cpu_optimizer"] = False
+    config["gradient_clipping"] = CLIP
     model = C.make_model(model_name)
     opt = make_optimizer(opt_name, model, split)
     counter = StepCounter(opt)
@@ -195,6 +214,7 @@ def fsdp2_run(
     for batch in batches:
         x, y = (t.to(C.device()) for t in C.local_slice(batch, rank))
         C.loss_fn(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # DTensor gradients: the global norm
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: t.cpu() for n, t in C.full_state(model).items()}, counter.records, _held_layers(model)
@@ -218,7 +238,7 @@ def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool
     real_layouts = hf_lars.sharding.tensor_layouts
     try:
         init = {n: p.detach().clone() for n, p in C.make_model(model_name).named_parameters()}
-        ref = reference_run(opt_name, model_name, split, batches, bf16)
+        ref, record["min_grad_norm"] = reference_run(opt_name, model_name, split, batches, bf16)
         hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
         if engine == "fsdp2":
             got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank)

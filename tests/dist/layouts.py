@@ -26,8 +26,9 @@ from hf_lars.optim.ranger_lars import centralize_gradient
 class Probe(torch.optim.Optimizer):
     """Records, at each ``step()``, the pieces of the stepped tensors; never changes anything."""
 
-    def __init__(self, groups: list[dict[str, Any]]) -> None:
+    def __init__(self, groups: list[dict[str, Any]], gc: bool = False) -> None:
         super().__init__(groups, {})
+        self.gc = gc  # record the gradients centred by the layout's RowCentring (RangerLARS's GC)
         # Keyed by the group dict: DeepSpeed ZeRO-1/2 step one group at a time with
         # ``optimizer.param_groups = [group]``, so positions in param_groups are not stable.
         self.layers = {
@@ -43,9 +44,15 @@ class Probe(torch.optim.Optimizer):
                 continue
             g_idx, layers, names = self.layers[id(group)]
             layouts = sharding.tensor_layouts(stepped, layers, group["params"])
-            layout = StepLayout(layouts, num_layers=len(layers))
+            layout = StepLayout(layouts, num_layers=len(layers), layer_shapes=[sharding.layer_shape(p) for p in layers])
             weights = [w.float() for w in layout.pieces(stepped)]
-            grads = [g.float() for g in layout.pieces([p.grad for p in stepped])]
+            local_grads = [g.float() for g in layout.local([p.grad for p in stepped])]
+            cut_rows = 0
+            if self.gc:
+                plan = layout.row_centring()
+                local_grads = plan.centre(local_grads, centralize_gradient)
+                cut_rows = plan.num_cut_rows
+            grads = [g.clone() for g in layout.pieces(local_grads)]
             sizes = [p.to_local().numel() if lay.dtensor else p.numel() for p, lay in zip(stepped, layouts)]
             groups = {dist.get_world_size(lay.process_group) if lay.process_group is not None else 1 for lay in layouts}
             self.calls.append(
@@ -54,7 +61,8 @@ class Probe(torch.optim.Optimizer):
                     "names": names,
                     "layers": list(layout.piece_layer),
                     "weights": [w.clone() for w in weights],
-                    "grads": [g.clone() for g in grads],
+                    "grads": grads,
+                    "cut_rows": cut_rows,
                     "stepped_numel": sum(sizes),
                     "whole_rows": [lay.whole_rows for lay in layouts],
                     "dtensor": [lay.dtensor for lay in layouts],
@@ -84,9 +92,8 @@ def run_deepspeed(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor])
             model = C.make_model(case["model"])
     else:
         model = C.make_model(case["model"])
-    probe = Probe(C.param_groups(model, split=case.get("split", True)))
-    hooks = case.get("gc") is True  # "reference": only the reference is centred (a control)
-    handles = sharding.install_grad_centralization_hooks(list(model.parameters()), centralize_gradient) if hooks else []
+    # gc "reference": only the reference is centred (a control)
+    probe = Probe(C.param_groups(model, split=case.get("split", True)), gc=case.get("gc") is True)
     engine = C.deepspeed_engine(model, probe, config)
     x, y = C.local_slice(batch, rank)
     x = x.to(next(engine.module.parameters()).dtype)
@@ -96,8 +103,6 @@ def run_deepspeed(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor])
     calls = probe.calls
     for call in calls:
         call["wrapper"] = type(engine.optimizer).__name__
-    for h in handles:
-        h.remove()
     engine.destroy()
     return calls
 
@@ -107,7 +112,7 @@ def run_fsdp2(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor]) -> 
     if case.get("swap"):
         # The optimizer is built on the plain parameters, then (as Accelerate's
         # fsdp2_switch_optimizer_parameters does) its params are replaced by the new DTensors in order.
-        probe = Probe(C.param_groups(model, split=case.get("split", True)))
+        probe = Probe(C.param_groups(model, split=case.get("split", True)), gc=case.get("gc") is True)
         old = {n: p for n, p in model.named_parameters()}
         C.fsdp2_shard(model)
         new = dict(model.named_parameters())
@@ -116,14 +121,10 @@ def run_fsdp2(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor]) -> 
             group["params"] = [by_old[id(p)] for p in group["params"]]
     else:
         C.fsdp2_shard(model)
-        probe = Probe(C.param_groups(model, split=case.get("split", True)))
-    # Under FSDP2 the hooks must leave gradients alone (the optimizer centres whole rows itself).
-    handles = sharding.install_grad_centralization_hooks(list(model.parameters()), centralize_gradient) if case.get("hooks") else []
+        probe = Probe(C.param_groups(model, split=case.get("split", True)), gc=case.get("gc") is True)
     x, y = C.local_slice(batch, rank)
     C.loss_fn(model(x), y).backward()
     probe.step()
-    for h in handles:
-        h.remove()
     return probe.calls
 
 
@@ -144,6 +145,7 @@ def assemble(
     whole_rows: set[bool] = set()
     wrappers: set[str] = set()
     group_sizes: set[int] = set()
+    cut_rows: set[int] = set()
     for rank, calls in enumerate(all_calls):
         for c_idx, call in enumerate(calls):
             if call["group"] != all_calls[0][c_idx]["group"]:
@@ -159,6 +161,7 @@ def assemble(
             whole_rows.update(call["whole_rows"])
             wrappers.add(call.get("wrapper", "none"))
             group_sizes.update(call["group_sizes"])
+            cut_rows.add(call["cut_rows"])
     w_err = 0.0
     g_err = 0.0
     missing = sorted(set(ref_w) - set(pieces_w))
@@ -189,6 +192,7 @@ def assemble(
             "whole_rows": sorted(whole_rows),
             "group_sizes": sorted(group_sizes),
             "wrappers": sorted(wrappers),
+            "cut_rows": sorted(cut_rows),  # per step() call: rows cut by a partition boundary (GC cases)
         }
     )
     return result
@@ -242,8 +246,9 @@ def main() -> None:
         {"name": "zero1", "model": "net", "config": C.ds_config(1)},
         {"name": "zero2", "model": "net", "config": C.ds_config(2)},
         {"name": "zero3", "model": "net", "config": C.ds_config(3, sub_group_size=40)},
-        {"name": "zero1_gc", "model": "wide", "config": C.ds_config(1), "split": False, "gc": True},
-        {"name": "zero2_gc", "model": "wide", "config": C.ds_config(2), "split": False, "gc": True},
+        # "net": the ZeRO-1/2 partition boundary cuts a row of fc2.weight
+        {"name": "zero1_gc", "model": "net", "config": C.ds_config(1), "gc": True},
+        {"name": "zero2_gc", "model": "net", "config": C.ds_config(2), "gc": True},
         {"name": "zero3_gc", "model": "wide", "config": C.ds_config(3, sub_group_size=30), "split": False, "gc": True},
         {"name": "zero2_gc_control", "model": "wide", "config": C.ds_config(2), "split": False, "gc": "reference"},
         {
@@ -256,7 +261,7 @@ def main() -> None:
         {"name": "zero2_bf16", "model": "net", "config": C.ds_config(2, bf16=True), "bf16": True},
         {"name": "zero3_bf16", "model": "net", "config": C.ds_config(3, bf16=True, sub_group_size=40), "bf16": True},
         {"name": "zero1_bf16_optimizer", "model": "net", "config": bf16_optimizer, "bf16": True, "gc": True},
-        {"name": "fsdp2", "model": "net", "config": None, "hooks": True},
+        {"name": "fsdp2", "model": "net", "config": None, "gc": True},
         {"name": "fsdp2_swapped", "model": "net", "config": None, "swap": True},
         {"name": "fsdp2_wide", "model": "wide", "config": None, "split": False},
     ]
