@@ -29,8 +29,10 @@ class LARS(TrustRatioOptimizer):
         \end{aligned}
 
     with norms taken per *layer* (one original parameter).  ``trust_clip`` (LARC) caps :math:`\rho_t` at 1.
-    Excluded layers (``exclude_1d``: biases and norm scales; or a group with ``adapt=False``) take a
-    plain SGD-momentum step: :math:`\rho_t = 1`, :math:`\lambda = 0`.
+    Excluded layers (1-D under ``exclude_1d``: biases and norm scales; every layer of a group with
+    ``excluded=True``) never take weight decay (:math:`\lambda = 0`).  By default LARS still adapts them, as
+    Algorithm 1 adapts every layer (``adapt_excluded=True``): otherwise they would take plain SGD momentum at
+    LARS's large global learning rate.  ``adapt_excluded=False`` gives them :math:`\rho_t = 1`.
 
     Reference: Y. You, I. Gitman, B. Ginsburg, *Large Batch Training of Convolutional Networks*,
     arXiv:1708.03888 (2017), Algorithm 1.
@@ -39,12 +41,13 @@ class LARS(TrustRatioOptimizer):
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group dicts.
         lr: learning rate :math:`\gamma`.
         momentum: :math:`\mu` in [0, 1).
-        weight_decay: :math:`\lambda` >= 0 (applied only to adapted layers).
+        weight_decay: :math:`\lambda` >= 0 (never applied to excluded layers).
         trust_coefficient: :math:`\eta` > 0.
         eps: :math:`\epsilon` >= 0 in the ratio's denominator.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         trust_clip: cap the ratio at 1 (LARC).
-        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        adapt_excluded: excluded layers take the trust ratio (default True for LARS; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
 
@@ -59,6 +62,7 @@ class LARS(TrustRatioOptimizer):
         nesterov: bool = False,
         trust_clip: bool = False,
         exclude_1d: bool = True,
+        adapt_excluded: bool = True,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -71,6 +75,7 @@ class LARS(TrustRatioOptimizer):
             nesterov=nesterov,
             trust_clip=trust_clip,
             exclude_1d=exclude_1d,
+            adapt_excluded=adapt_excluded,
             foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -84,8 +89,17 @@ class LARS(TrustRatioOptimizer):
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"momentum_buffer"}) if group["momentum"] > 0 else frozenset()
+
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         bufs: list[Tensor | None] = []
         for p in stepped:
@@ -99,6 +113,7 @@ class LARS(TrustRatioOptimizer):
             bufs,
             layout,
             adapt,
+            decay,
             lr=group["lr"],
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
@@ -116,6 +131,7 @@ def lars(
     momentum_buffers: list[Tensor | None],
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     momentum: float,
@@ -126,7 +142,11 @@ def lars(
     trust_clip: bool,
     foreach: bool,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers."""
+    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers.
+
+    ``adapt`` and ``decay`` say per piece whether it takes the trust ratio and weight decay (a decayed piece
+    is always adapted).
+    """
     work = StepTensors(params, grads, layout)
     w, g = work.pieces(work.weights), work.pieces(work.grads)
     bufs = work.state_pieces(momentum_buffers) if momentum > 0 else [None] * len(w)
@@ -135,9 +155,10 @@ def lars(
     impl = _multi_tensor_lars if foreach else _single_tensor_lars
     ratios = None
     if len(adapted):
-        ratios = impl(adapted, w, g, bufs, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip)
+        decays = adapted.take(decay)
+        ratios = impl(adapted, w, g, bufs, lr, momentum, weight_decay, decays, trust_coefficient, eps, nesterov, trust_clip)
     if len(plain):
-        impl(plain, w, g, bufs, lr, momentum, 0.0, None, eps, nesterov, trust_clip)
+        impl(plain, w, g, bufs, lr, momentum, 0.0, [False] * len(plain), None, eps, nesterov, trust_clip)
     work.write_back()
     return None if ratios is None else (adapted.layers, ratios)
 
@@ -150,19 +171,23 @@ def _single_tensor_lars(
     lr: float,
     momentum: float,
     weight_decay: float,
+    decays: list[bool],
     trust_coefficient: float | None,
     eps: float,
     nesterov: bool,
     trust_clip: bool,
 ) -> Tensor | None:
-    """The readable reference: one piece at a time.  ``trust_coefficient=None``: no trust ratio."""
+    """The readable reference: one piece at a time.  ``trust_coefficient=None``: no trust ratio.
+
+    ``decays[i]``: piece i takes weight decay (excluded layers do not).
+    """
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
     rho = None
     if trust_coefficient is not None:
         norms = sub.norms(ws, gs, foreach=False)
-        rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
+        rho = _ratios(norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
     for i, (w, g, buf) in enumerate(zip(ws, gs, bufs)):
-        d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+        d = g.add(w, alpha=weight_decay) if weight_decay != 0 and decays[i] else g
         if buf is not None and not nesterov:
             # buf = momentum * buf + rho * d without materialising rho * d (one pass and one temporary fewer)
             buf.mul_(momentum)
@@ -193,6 +218,7 @@ def _multi_tensor_lars(
     lr: float,
     momentum: float,
     weight_decay: float,
+    decays: list[bool],
     trust_coefficient: float | None,
     eps: float,
     nesterov: bool,
@@ -202,8 +228,12 @@ def _multi_tensor_lars(
     rho = None
     if trust_coefficient is not None:
         norms = sub.norms(ws, gs, foreach=True)
-        rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
-    d = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else gs
+        rho = _ratios(norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
+    d = list(gs)
+    if weight_decay != 0 and any(decays):
+        idx = [i for i, dec in enumerate(decays) if dec]
+        for i, di in zip(idx, torch._foreach_add([gs[i] for i in idx], [ws[i] for i in idx], alpha=weight_decay)):
+            d[i] = di
     if rho is not None:
         d = torch._foreach_mul(d, list(rho.unbind(0)))
     if bufs[0] is None:
@@ -217,3 +247,19 @@ def _multi_tensor_lars(
     else:
         torch._foreach_add_(ws, bufs, alpha=-lr)
     return rho
+
+
+def _ratios(
+    norms: Tensor, decays: list[bool], trust_coefficient: float, weight_decay: float, eps: float, trust_clip: bool
+) -> Tensor:
+    """Per-piece LARS ratios from ``norms`` (``[2, n]``: weights, gradients); wd enters only decayed pieces.
+
+    When a group mixes decayed and excluded-but-adapted pieces, both ratios are computed (a few floats) and
+    each piece takes its own: indexing and one stack, no host-to-device mask copy.
+    """
+    if weight_decay == 0 or all(decays) or not any(decays):
+        wd = weight_decay if any(decays) else 0.0
+        return lars_trust_ratio(norms[0], norms[1], trust_coefficient, wd, eps, trust_clip)
+    with_wd = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
+    without = lars_trust_ratio(norms[0], norms[1], trust_coefficient, 0.0, eps, trust_clip)
+    return torch.stack([with_wd[i] if dec else without[i] for i, dec in enumerate(decays)])

@@ -54,12 +54,14 @@ class RangerLARS(TrustRatioOptimizer):
         lr: learning rate :math:`\gamma` >= 0.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` >= 0.
-        weight_decay: :math:`\lambda` >= 0 (adapted layers only).
+        weight_decay: :math:`\lambda` >= 0 (never on excluded layers).
         use_gc: Gradient Centralization for tensors with ndim > 1.
         k: Lookahead synchronization period (>= 1).
         alpha: Lookahead slow-weight step in (0, 1].
         rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
-        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
+            plain RAdam step at ``lr``; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
 
@@ -75,6 +77,7 @@ class RangerLARS(TrustRatioOptimizer):
         alpha: float = 0.5,
         rectify_threshold: float = 5.0,
         exclude_1d: bool = True,
+        adapt_excluded: bool = False,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -88,6 +91,7 @@ class RangerLARS(TrustRatioOptimizer):
             alpha=alpha,
             rectify_threshold=rectify_threshold,
             exclude_1d=exclude_1d,
+            adapt_excluded=adapt_excluded,
             foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -112,8 +116,17 @@ class RangerLARS(TrustRatioOptimizer):
             # "Gradient Centralization").
             install_grad_centralization_hooks(self._layers[-1], centralize_gradient)
 
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"step", "exp_avg", "exp_avg_sq", "slow_buffer"})
+
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         for p in stepped:
             state = self.state[p]
@@ -130,6 +143,7 @@ class RangerLARS(TrustRatioOptimizer):
             [s["step"] for s in states],
             layout,
             adapt,
+            decay,
             lr=group["lr"],
             beta1=group["betas"][0],
             beta2=group["betas"][1],
@@ -178,6 +192,7 @@ def ranger_lars(
     steps: list[Tensor],
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     beta1: float,
@@ -222,6 +237,7 @@ def ranger_lars(
             scale,
             sync,
             adapt,
+            decay,
             beta1=beta1,
             beta2=beta2,
             eps=eps,
@@ -247,7 +263,7 @@ def ranger_lars(
         )
     )
     result = trust_ratio_step(
-        layout, adapt, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
+        layout, adapt, decay, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
     )
     slow = work.state_pieces(slow_buffers)
     if foreach:
@@ -274,6 +290,7 @@ def _tensor_by_tensor_ranger_lars(
     scale: Tensor,
     sync: Tensor,
     adapt: list[bool],
+    decay: list[bool],
     *,
     beta1: float,
     beta2: float,
@@ -290,7 +307,7 @@ def _tensor_by_tensor_ranger_lars(
     """
     den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, rectified)
     ratios = []
-    for i, (wi, gi, adapted) in enumerate(zip(w, g, adapt)):
+    for i, (wi, gi, adapted, decayed) in enumerate(zip(w, g, adapt, decay)):
         centred = centralize_gradient(gi) if centre[i] else None
         u = adam_direction_piece(
             exp_avgs[i],
@@ -304,7 +321,7 @@ def _tensor_by_tensor_ranger_lars(
             scratch=centred,  # the direction reuses the centred gradient's memory: one temporary, not two
         )
         if adapted:
-            if weight_decay != 0:
+            if weight_decay != 0 and decayed:
                 u.add_(wi, alpha=weight_decay)
             norm = torch.linalg.vector_norm
             ratio = adam_trust_ratio(norm(wi, dtype=torch.float32), norm(u, dtype=torch.float32))
