@@ -113,6 +113,9 @@ class AdamLARS(TrustRatioOptimizer):
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         return frozenset({"step", "exp_avg", "exp_avg_sq"})
 
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        init_adam_state(self.state[p], p)
+
     def _step_group(
         self,
         group: dict[str, Any],
@@ -123,7 +126,7 @@ class AdamLARS(TrustRatioOptimizer):
         foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         for p in stepped:
-            init_adam_state(self.state[p], p)
+            self._init_state(group, p)
         states = [self.state[p] for p in stepped]
         return adam_lars(
             stepped,

@@ -215,6 +215,23 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         self._layout_cache.clear()
 
     @abc.abstractmethod
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """Create ``p``'s missing state (fp32 buffers, a step count of 0) without stepping."""
+
+    @torch.no_grad()
+    def initialize_state(self) -> None:
+        """Create every parameter's state as before a first step, without stepping or counting a step.
+
+        For wrappers that build optimizer state eagerly: DeepSpeed's stage-0 fp16/bf16 wrapper calls
+        ``step()`` once with zero gradients at ``initialize`` for that purpose, which for a decoupled-decay
+        rule would shrink the weights and count step 1; hf_lars routes that call here
+        (:mod:`hf_lars.integrations.deepspeed`).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(group, p)
+
+    @abc.abstractmethod
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         """The state keys every stepped parameter of ``group`` holds (checked by :meth:`load_state_dict`)."""
 

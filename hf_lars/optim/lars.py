@@ -92,6 +92,11 @@ class LARS(TrustRatioOptimizer):
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         return frozenset({"momentum_buffer"}) if group["momentum"] > 0 else frozenset()
 
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        if group["momentum"] > 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
     def _step_group(
         self,
         group: dict[str, Any],
@@ -103,10 +108,8 @@ class LARS(TrustRatioOptimizer):
     ) -> tuple[list[int], Tensor] | None:
         bufs: list[Tensor | None] = []
         for p in stepped:
-            state = self.state[p]
-            if group["momentum"] > 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            bufs.append(state.get("momentum_buffer"))
+            self._init_state(group, p)
+            bufs.append(self.state[p].get("momentum_buffer"))
         return lars(
             stepped,
             [p.grad for p in stepped],

@@ -119,6 +119,12 @@ class RangerLARS(TrustRatioOptimizer):
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         return frozenset({"step", "exp_avg", "exp_avg_sq", "slow_buffer"})
 
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        if "slow_buffer" not in state:
+            init_adam_state(state, p)
+            state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
+
     def _step_group(
         self,
         group: dict[str, Any],
@@ -129,10 +135,7 @@ class RangerLARS(TrustRatioOptimizer):
         foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         for p in stepped:
-            state = self.state[p]
-            if "slow_buffer" not in state:
-                init_adam_state(state, p)
-                state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
+            self._init_state(group, p)
         states = [self.state[p] for p in stepped]
         return ranger_lars(
             stepped,
