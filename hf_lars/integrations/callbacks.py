@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,10 +102,15 @@ def trust_ratio_values(optimizer: Any, *, gather: bool = False) -> dict[str, flo
 def summarize_trust_ratios(values: Mapping[str, float]) -> dict[str, float]:
     """``{"trust_ratio_min", "trust_ratio_median", "trust_ratio_max"}`` of per-layer ratios (empty if none).
 
-    The median of an even count is the mean of the two middle values.
+    The median of an even count is the mean of the two middle values.  If any ratio is not finite (a NaN
+    or infinite gradient or weight), all three are NaN and ``trust_ratio_nonfinite`` counts those layers: a
+    diverging layer must not hide behind healthy-looking statistics.
     """
     if not values:
         return {}
+    bad = sum(not math.isfinite(v) for v in values.values())
+    if bad:
+        return {**dict.fromkeys(STAT_KEYS, math.nan), "trust_ratio_nonfinite": float(bad)}
     ordered = sorted(values.values())
     n = len(ordered)
     median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
@@ -187,6 +193,7 @@ class TrustRatioCallback(TrainerCallback):
         self.filename = filename
         self.gather = gather
         self._writer: TrustRatioWriter | None = None
+        self._warned_nonfinite = False
 
     def on_train_begin(
         self,
@@ -197,6 +204,7 @@ class TrustRatioCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self._writer = None
+        self._warned_nonfinite = False
         ours = find_trust_ratio_optimizer(optimizer) is not None
         if ours and self.per_layer and state.is_world_process_zero and args.output_dir:
             self._writer = TrustRatioWriter(Path(args.output_dir) / self.filename)
@@ -219,9 +227,25 @@ class TrustRatioCallback(TrainerCallback):
         stats = summarize_trust_ratios(values)
         if not stats:
             return
+        if "trust_ratio_nonfinite" in stats and not self._warned_nonfinite:
+            self._warn_nonfinite(values, state.global_step)
         _add_to_training_log(logs, state, stats)
         if self._writer is not None:
             self._writer.write(state.global_step, values)
+
+    def _warn_nonfinite(self, values: Mapping[str, float], step: int) -> None:
+        """Once per run: the layers whose trust ratio is not finite (their weights are NaN/inf now)."""
+        self._warned_nonfinite = True
+        bad = [name for name, v in values.items() if not math.isfinite(v)]
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        logger.warning(
+            "hf_lars: non-finite trust ratio at step %d in %d layer(s): %s. Their gradients or weights are NaN "
+            "or infinite (the optimizer propagates them, as torch's optimizers do): lower the learning rate, "
+            "enable gradient clipping, or use bf16/loss scaling.  Warned once per run.",
+            step,
+            len(bad),
+            shown,
+        )
 
 
 def add_trust_ratio_callback(trainer: Any, callback: TrustRatioCallback | None = None) -> TrustRatioCallback:
