@@ -216,7 +216,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     if name in ("lars", "adam_lars", "ranger_lars"):
         return hf_lars.create_optimizer(model, name, lr=lr, weight_decay=weight_decay)
     if name in ("lars_all", "adam_lars_all", "ranger_lars_all"):
-        return hf_lars.create_optimizer(model, name[: -len("_all")], lr=lr, weight_decay=weight_decay, adapt_excluded=True)
+        base = name[: -len("_all")]
+        return hf_lars.create_optimizer(model, base, lr=lr, weight_decay=weight_decay, adapt_excluded=True)
     if name == "lars_plain_excluded":
         return hf_lars.create_optimizer(model, "lars", lr=lr, weight_decay=weight_decay, adapt_excluded=False)
     if name == "ranger_lars_no_gc":
@@ -226,7 +227,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     if name == "ranger_lars_no_trust":
         if weight_decay != 0:
             raise ValueError(
-                "ranger_lars_no_trust excludes every layer, and excluded layers take no weight decay: pass weight_decay=0"
+                "ranger_lars_no_trust excludes every layer, and excluded layers take no weight decay: "
+                "pass weight_decay=0"
             )
         group = {"params": list(model.named_parameters()), "excluded": True, "adapt_excluded": False}
         return hf_lars.RangerLARS([group], lr=lr, weight_decay=0.0)

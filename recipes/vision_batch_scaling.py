@@ -11,8 +11,8 @@ Four series: ``sgd``; ``lars``, LARS with ``adapt_excluded=False`` (optimizer ``
 biases and BatchNorm parameters are excluded from the trust ratio and take plain momentum SGD at the global
 LR; the package default before LARS adapted excluded layers, and what docs/results.md measured as
 "default"); ``lars_all``, every layer adapted as in the paper's Algorithm 1 (biases and BatchNorm without
-weight decay; LARS's default now); ``lars_all_sqrt``, the same optimizer with the square-root LR rule (You et al. 2019 scale LAMB's
-LR that way).
+weight decay; LARS's default now); ``lars_all_sqrt``, the same optimizer with the square-root LR rule
+(You et al. 2019 scale LAMB's LR that way).
 
 Protocol (fixed epoch budget, so a larger batch means fewer steps):
 

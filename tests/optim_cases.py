@@ -93,8 +93,8 @@ _GROUP_ERRORS = (
     ErrorInput("excluded not a bool", {"excluded": "yes"}, r"Invalid excluded value: 'yes'", vias=_GROUP_VIAS),
     ErrorInput("excluded 1", {"excluded": 1}, r"Invalid excluded value: 1", vias=_GROUP_VIAS),
     ErrorInput("adapt_excluded not a bool", {"adapt_excluded": "no"}, r"Invalid adapt_excluded value: 'no'"),
-    ErrorInput("exclude_1d a string", {"exclude_1d": "no"}, r"Invalid exclude_1d value: 'no' \(allowed: True or False\)"),
-    ErrorInput("foreach a string", {"foreach": "yes"}, r"Invalid foreach value: 'yes' \(allowed: True, False or None\)"),
+    ErrorInput("exclude_1d a string", {"exclude_1d": "no"}, r"Invalid exclude_1d value: 'no' \(allowed: True or False"),
+    ErrorInput("foreach a string", {"foreach": "yes"}, r"Invalid foreach value: 'yes' \(allowed: True, False or"),
 )
 
 _ADAM_ERRORS = (
@@ -143,7 +143,8 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
                 "exclude_1d False", {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "exclude_1d": False}
             ),
             OptimizerInput(
-                "adapt_excluded False", {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "adapt_excluded": False}
+                "adapt_excluded False",
+                {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "adapt_excluded": False},
             ),
             OptimizerInput(
                 "groups excluded, adapt_excluded False/True",

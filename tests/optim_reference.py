@@ -7,9 +7,9 @@ double.  Nothing here imports ``hf_lars``.
 A reference optimizer holds its own float64 copy of each layer's weights and its own state.  Each layer has
 its own hyper-parameters (``hp``: the merged values of its param group, the optimizer's documented
 defaults included) from which :func:`resolve_roles` decides, independently of ``hf_lars``, whether it takes
-the trust ratio and whether it takes weight decay (docs/design.md, "Exclusion: two decisions").  :meth:`ReferenceOptimizer.step` takes one gradient
-per layer (``None``: the layer is skipped and its step count does not advance, like a parameter without a
-gradient in ``torch.optim``) and returns ``{layer name: trust ratio}`` for the adapted layers it stepped.
+the trust ratio and whether it takes weight decay (docs/design.md, "Exclusion: two decisions").
+:meth:`ReferenceOptimizer.step` takes one gradient per layer (``None``: the layer is skipped and its step
+count does not advance, like a parameter without a gradient in ``torch.optim``) and returns ``{layer name: trust ratio}`` for the adapted layers it stepped.
 """
 
 from __future__ import annotations

@@ -253,7 +253,11 @@ def test_missing_state_key_is_named():
 
 @pytest.mark.parametrize(
     ("key", "value", "match"),
-    [("lr", -0.5, r"Invalid lr value: -0\.5"), ("betas", (0.9, 1.5), "Invalid beta2"), ("exclude_1d", "no", "exclude_1d")],
+    [
+        ("lr", -0.5, r"Invalid lr value: -0\.5"),
+        ("betas", (0.9, 1.5), "Invalid beta2"),
+        ("exclude_1d", "no", "Invalid exclude_1d value"),
+    ],
 )
 def test_loaded_hyper_parameters_are_range_checked(key, value, match):
     _, opt = _stepped("AdamLARS")

@@ -224,7 +224,9 @@ def test_trust_ratio_names_and_indices(name):
     adapted layers appear; values are 0-d tensors equal to the reference ratios."""
     info = INFO[name]
     inp = OptimizerInput(
-        "two groups", {"lr": 0.05, "adapt_excluded": False}, groups={"fc2": {"excluded": True, "adapt_excluded": False}, "zero": {"weight_decay": 0.0}},
+        "two groups",
+        {"lr": 0.05, "adapt_excluded": False},
+        groups={"fc2": {"excluded": True, "adapt_excluded": False}, "zero": {"weight_decay": 0.0}},
     )
     for named in (True, False):
         setup = build(info, inp, named=named)

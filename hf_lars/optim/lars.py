@@ -159,7 +159,9 @@ def lars(
     ratios = None
     if len(adapted):
         decays = adapted.take(decay)
-        ratios = impl(adapted, w, g, bufs, lr, momentum, weight_decay, decays, trust_coefficient, eps, nesterov, trust_clip)
+        ratios = impl(
+            adapted, w, g, bufs, lr, momentum, weight_decay, decays, trust_coefficient, eps, nesterov, trust_clip
+        )
     if len(plain):
         impl(plain, w, g, bufs, lr, momentum, 0.0, [False] * len(plain), None, eps, nesterov, trust_clip)
     work.write_back()
