@@ -92,9 +92,9 @@ def test_one_all_reduce_per_group_step(engine: str, opt: str, model: str) -> Non
         # has adapted layers.
         assert s["calls"] == s["adapted_groups"] <= s["groups"], s
         assert s["payload"] <= s["max_payload"], f"payload {s['payload']} floats > 2 per layer ({s})"
-    assert any(s["calls"] == 1 for s in steps)
+    assert any(s["calls"] >= 1 for s in steps)
     if engine.startswith("zero"):
-        assert all(s["calls"] <= 1 for s in steps)
+        assert all(s["calls"] <= 1 for s in steps) and any(s["calls"] == 1 for s in steps)
 
 
 def test_cases_exercise_the_hard_layouts() -> None:
