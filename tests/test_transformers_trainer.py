@@ -52,7 +52,7 @@ def test_lars_trainer_needs_no_patching(unpatched: None, tmp_path: Path) -> None
     trainer.train()
     inner = trainer.optimizer.optimizer
     assert type(inner) is RangerLARS and inner.defaults["k"] == 2 and inner.defaults["alpha"] == 0.6
-    assert inner.param_groups[1]["adapt"] is False
+    assert inner.param_groups[1]["excluded"] is True and inner.param_groups[1]["adapt_excluded"] is False
     lrs = [r["learning_rate"] for r in trainer.state.log_history if "loss" in r]
     # warmup 1 step, then linear decay (power 1) over 3: steps 2 and 4 used lr(t=1) and lr(t=3)
     assert lrs == pytest.approx([1e-2, 1e-2 / 3])
@@ -106,11 +106,12 @@ def test_callback_logs_stats_and_per_layer_jsonl(tmp_path: Path) -> None:
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenBlocks())
     trainer.train()
     inner = trainer.optimizer.optimizer
-    decay_names = inner.param_groups[0]["param_names"]
+    # LARS adapts its excluded (no-decay) group too: every layer has a ratio, group by group
+    adapted = [n for g in inner.param_groups for n in g["param_names"]]
 
     rows = _rows(tmp_path / TRUST_RATIO_FILE)
     assert [r["step"] for r in rows] == [2, 4]
-    assert all(list(r["trust_ratios"]) == decay_names for r in rows)  # adapted layers only, in model order
+    assert all(list(r["trust_ratios"]) == adapted for r in rows)  # adapted layers only, in group order
     final = {k: v.item() for k, v in inner.trust_ratios().items()}
     assert rows[-1]["trust_ratios"] == pytest.approx(final, rel=1e-6)
     logged = [r for r in trainer.state.log_history if "loss" in r]

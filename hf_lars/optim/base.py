@@ -100,6 +100,9 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # separate step() calls, each with its own layers.
         self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
         defaults = {**defaults, "excluded": False}
+        # The hyper-parameters every saved group must hold (``defaults`` may gain keys later: wrappers such
+        # as Trainer's add torch's ``differentiable``, which old checkpoints lack).
+        self._hyperparameter_keys = frozenset(defaults)
         self._validate_hyperparameters(defaults)
         super().__init__(params, defaults)
 
@@ -248,7 +251,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         for i, saved in enumerate(groups):
             if "adapt" in saved:
                 raise ValueError(f"{name}.load_state_dict: param group {i}: {_REMOVED_ADAPT}")
-            missing = sorted(set(self.defaults) - set(saved))
+            missing = sorted(self._hyperparameter_keys - set(saved))
             if missing:
                 raise ValueError(
                     f"{name}.load_state_dict: param group {i} lacks the hyper-parameter(s) {', '.join(missing)}: "
