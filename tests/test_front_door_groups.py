@@ -51,7 +51,9 @@ def _trainer_optimizer(tmp_path: Path, trainer_cls: type = Trainer, **overrides:
 
 @pytest.mark.parametrize("route", ["patched Trainer", "LarsTrainer"])
 @pytest.mark.parametrize("optim", ["adam_lars", "ranger_lars"])
-def test_trainer_passes_adam_betas_and_epsilon_in_order(registered: None, tmp_path: Path, route: str, optim: str) -> None:
+def test_trainer_passes_adam_betas_and_epsilon_in_order(
+    registered: None, tmp_path: Path, route: str, optim: str
+) -> None:
     """``--adam_beta1/2`` become ``betas`` in that order and ``--adam_epsilon`` becomes ``eps``, in the optimizer
     Trainer really builds (not only in the kwargs)."""
     cls = Trainer if route == "patched Trainer" else hft.LarsTrainer
