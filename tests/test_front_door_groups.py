@@ -61,12 +61,16 @@ def test_trainer_passes_adam_betas_and_epsilon_in_order(
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-5 for g in opt.param_groups)
 
 
-def test_create_optimizer_and_trainer_group_a_llama_alike(registered: None, tmp_path: Path) -> None:
-    """The same tiny Llama grouped by ``create_optimizer`` and by Trainer's ``--optim``: same names, the
-    no-decay group excluded (RMSNorm weights, by Trainer's rule), adaptation left to the optimizer."""
+def test_every_front_door_groups_a_llama_alike(registered: None, tmp_path: Path) -> None:
+    """The same tiny Llama grouped by ``create_optimizer``, the Accelerate helper and Trainer's ``--optim``:
+    same names, the no-decay group excluded (RMSNorm weights, by Trainer's rule), adaptation left to the
+    optimizer."""
+    from hf_lars.integrations.accelerate import create_optimizer_and_scheduler
+
     via_trainer = _groups(_trainer_optimizer(tmp_path, optim="lars", weight_decay=0.05))
     via_registry = _groups(hf_lars.create_optimizer(tiny_model(), "lars", lr=1e-2, weight_decay=0.05))
-    assert via_trainer == via_registry
+    opt, _ = create_optimizer_and_scheduler(tiny_model(), "lars", lr=1e-2, num_training_steps=10, weight_decay=0.05)
+    assert via_trainer == via_registry == _groups(opt)
     decay, no_decay = via_registry
     assert decay["weight_decay"] == 0.05 and decay["excluded"] is False
     assert no_decay["weight_decay"] == 0.0 and no_decay["excluded"] is True
