@@ -256,7 +256,10 @@ def plot(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Name
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    colors = {"sgd": "tab:blue", "lars": "tab:orange", "lars_all": "tab:green", "lars_all_sqrt": "tab:red"}
+    colors = {
+        "sgd": "tab:blue", "lars": "tab:orange", "lars_plain_excluded": "tab:orange", "lars_all": "tab:green",
+        "lars_all_sqrt": "tab:red",
+    }  # fmt: skip
     base, largest, series = res["base"], res["largest"], res["series"]
     paths = []
     # 1. accuracy and train loss vs batch size
