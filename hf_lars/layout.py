@@ -245,6 +245,16 @@ class PieceSubset:
         self.layers = [layout.piece_layer[i] for i in idx]
         self._layer_index: dict[torch.device, Tensor] = {}
         self._piece_index: dict[torch.device, Tensor] = {}
+        self._constants: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+
+    def constant(self, values: Sequence[float], device: torch.device) -> Tensor:
+        """``values`` (one per piece of this subset) as an fp32 tensor on ``device``, made once: a per-piece
+        hyper-parameter (e.g. weight decay 0 on excluded layers) costs no host-to-device copy per step."""
+        key = (tuple(float(v) for v in values), torch.device(device))
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+        return cached
 
     def take(self, pieces: Sequence[Any]) -> list[Any]:
         """The entries of a per-piece list that belong to this subset."""

@@ -106,7 +106,9 @@ def build_param_groups(
     Accelerate helpers), so a model is split the same way whichever door it comes through.
 
     Returns two groups: parameters that take weight decay and the trust ratio, and the no-decay group
-    (whatever ``decay_parameter_names`` leaves out) with ``weight_decay=0.0`` and ``adapt=False``.  Extra
+    (whatever ``decay_parameter_names`` leaves out) with ``weight_decay=0.0`` and ``excluded=True``: its
+    layers never take weight decay, and whether they take the trust ratio is the optimizer's
+    ``adapt_excluded`` (LARS yes, AdamLARS/RangerLARS no; docs/design.md, "Exclusion: two decisions").  Extra
     keyword arguments go into both groups.  Frozen parameters are skipped and empty groups dropped.
 
     Args:
@@ -124,7 +126,7 @@ def build_param_groups(
         {
             "params": [(n, p) for n, p in named if n not in decay_names],
             "weight_decay": 0.0,
-            "adapt": False,
+            "excluded": True,
             **group_kwargs,
         },
     ]
@@ -146,7 +148,7 @@ def create_optimizer(model_or_params: Any, name: str, **kwargs: Any) -> torch.op
         groups = build_param_groups(model_or_params, 0.0 if wd is None else wd)
         if wd is None:  # keep the class default for the decay group
             for group in groups:
-                if "adapt" not in group:
+                if not group.get("excluded"):
                     group.pop("weight_decay")
         params: Any = groups
     else:

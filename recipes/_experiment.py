@@ -163,6 +163,7 @@ def make_convnet(width: int = 16) -> nn.Module:
 OPTIMIZERS = (
     "sgd",
     "lars",
+    "lars_plain_excluded",
     "lars_all",
     "adam_lars",
     "adam_lars_all",
@@ -190,17 +191,20 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     - ``sgd``: ``torch.optim.SGD`` with momentum 0.9.
     - ``lars`` / ``adam_lars`` / ``ranger_lars``: the package default, :func:`hf_lars.create_optimizer`
       with the class defaults (LARS: momentum 0.9, trust coefficient 1e-3; RangerLARS: betas
-      (0.95, 0.999), GC on, k=6, alpha=0.5).  Biases and BatchNorm parameters go to a group with
-      ``adapt=False``: no trust ratio, so they take a plain momentum-SGD (LARS) or Adam/RAdam step at the
-      *global* LR.
-    - ``*_all`` (``lars_all``, ``adam_lars_all``, ``ranger_lars_all``): every layer adapted, as in
-      You et al.'s Algorithm 1; biases and BatchNorm parameters still get no weight decay.
+      (0.95, 0.999), GC on, k=6, alpha=0.5).  Biases and BatchNorm parameters are excluded (no weight decay);
+      LARS adapts them (``adapt_excluded=True``, its default), AdamLARS and RangerLARS do not (they take a
+      plain Adam/RAdam step at the global LR).  docs/results.md's "package default" LARS rows were measured
+      before LARS adapted excluded layers: they are ``lars_plain_excluded`` now.
+    - ``lars_plain_excluded``: LARS with ``adapt_excluded=False`` (biases and BatchNorm parameters take plain
+      momentum SGD at LARS's global LR).
+    - ``*_all`` (``lars_all``, ``adam_lars_all``, ``ranger_lars_all``): ``adapt_excluded=True``: every layer
+      adapted, as in You et al.'s Algorithm 1; biases and BatchNorm parameters still get no weight decay.
     - ``ranger_lars_no_gc``: ``use_gc=False``.
     - ``ranger_lars_no_lookahead``: ``k=1, alpha=1.0``: every step syncs and the slow weights jump to the
       fast ones (``slow += 1 * (w - slow)``; ``w = slow``), so Lookahead is the identity.
-    - ``ranger_lars_no_trust``: one param group with ``adapt=False``.  There is no flag for the trust ratio;
-      ``adapt=False`` also drops weight decay from the group, so pass ``weight_decay=0`` to every variant of
-      an ablation to compare like with like.
+    - ``ranger_lars_no_trust``: one param group with ``excluded=True`` (and ``adapt_excluded=False``): no
+      layer takes the trust ratio, and excluded layers take no weight decay, so pass ``weight_decay=0`` to
+      every variant of an ablation to compare like with like.
     """
     import hf_lars
 
@@ -214,12 +218,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     if name in ("lars", "adam_lars", "ranger_lars"):
         return hf_lars.create_optimizer(model, name, lr=lr, weight_decay=weight_decay)
     if name in ("lars_all", "adam_lars_all", "ranger_lars_all"):
-        decay, no_decay = _split_decay(model)
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "adapt": True},
-        ]
-        return hf_lars.get_optimizer_info(name[: -len("_all")]).cls(groups, lr=lr)
+        base = name[: -len("_all")]
+        return hf_lars.create_optimizer(model, base, lr=lr, weight_decay=weight_decay, adapt_excluded=True)
+    if name == "lars_plain_excluded":
+        return hf_lars.create_optimizer(model, "lars", lr=lr, weight_decay=weight_decay, adapt_excluded=False)
     if name == "ranger_lars_no_gc":
         return hf_lars.create_optimizer(model, "ranger_lars", lr=lr, weight_decay=weight_decay, use_gc=False)
     if name == "ranger_lars_no_lookahead":
@@ -227,9 +229,11 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     if name == "ranger_lars_no_trust":
         if weight_decay != 0:
             raise ValueError(
-                "ranger_lars_no_trust uses adapt=False, which applies no weight decay: pass weight_decay=0"
+                "ranger_lars_no_trust excludes every layer, and excluded layers take no weight decay: "
+                "pass weight_decay=0"
             )
-        return hf_lars.RangerLARS([{"params": list(model.named_parameters()), "adapt": False}], lr=lr, weight_decay=0.0)
+        group = {"params": list(model.named_parameters()), "excluded": True, "adapt_excluded": False}
+        return hf_lars.RangerLARS([group], lr=lr, weight_decay=0.0)
     raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 

@@ -3,24 +3,25 @@
 Same task, model, epoch budget and schedule as ``vision_batch_scaling.py`` (distorted 8x8 digits, small
 convnet, 20 epochs, poly(2) decay), at one large batch (default 1024 of 1,078 training images: 21 steps).
 
-Warmup ablation, for SGD + momentum, LARS (package default: biases and BatchNorm parameters excluded from
-the trust ratio) and ``lars_all`` (every layer adapted); weight decay 5e-4 as in the batch-scaling recipe:
+Warmup ablation, for SGD + momentum, LARS (package default: every layer adapted, biases and BatchNorm
+parameters without weight decay) and ``lars_all`` (the same, spelt ``adapt_excluded=True``); weight decay
+5e-4 as in the batch-scaling recipe:
 
 - ``none``: the peak LR from the first step;
 - ``constant``: ``B0/B`` of the peak LR for the warmup epochs, then the peak (Goyal et al.'s constant warmup,
   at the base-batch LR);
 - ``linear``: gradual warmup from ``B0/B`` of the peak to the peak (Goyal et al.).
 
-RangerLARS ablation (weight decay 0 for *every* variant: the "no trust ratio" variant uses a param group
-with ``adapt=False``, which also turns weight decay off, so decay is off everywhere to compare like with
-like); all with gradual warmup + poly(2):
+RangerLARS ablation (weight decay 0 for *every* variant: the "no trust ratio" variant puts every layer in
+an ``excluded=True`` group, and excluded layers take no weight decay, so decay is off everywhere to compare
+like with like); all with gradual warmup + poly(2):
 
 - ``ranger_lars``: full (RAdam + Lookahead k=6, alpha=0.5 + Gradient Centralization + trust ratio);
 - ``no_gc``: ``use_gc=False``;
 - ``no_lookahead``: ``k=1, alpha=1.0``: the code syncs every step (``t % k == 0``) with
   ``slow += 1.0 * (w - slow)``, i.e. ``slow = w``, then ``w = slow``: Lookahead is the identity
   (``tests/test_recipes_evidence.py`` checks this bit for bit);
-- ``no_trust``: one group with ``adapt=False`` (there is no flag for the trust ratio);
+- ``no_trust``: one group with ``excluded=True, adapt_excluded=False``: no layer takes the trust ratio;
 - ``adam_lars`` (LAMB) for reference;
 - ``ranger_lars`` and ``adam_lars`` with every layer adapted (the defaults exclude biases and BatchNorm
   parameters, which then take a plain RAdam/Adam step at the global LR).
@@ -86,14 +87,14 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     wd = args.weight_decay
     out = [
         Variant("warmup", f"{opt}/{w}", opt, w, wd, grid)
-        for opt, grid in (("sgd", sgd), ("lars", lars), ("lars_all", lars))
+        for opt, grid in (("sgd", sgd), ("lars_plain_excluded", lars), ("lars_all", lars))
         for w in ("none", "constant", "linear")
     ]
     out += [
         Variant("ranger", "ranger_lars (full)", "ranger_lars", "linear", 0.0, trust),
         Variant("ranger", "no GC", "ranger_lars_no_gc", "linear", 0.0, trust),
         Variant("ranger", "no Lookahead (k=1, alpha=1)", "ranger_lars_no_lookahead", "linear", 0.0, trust),
-        Variant("ranger", "no trust ratio (adapt=False)", "ranger_lars_no_trust", "linear", 0.0, plain),
+        Variant("ranger", "no trust ratio (all excluded, not adapted)", "ranger_lars_no_trust", "linear", 0.0, plain),
         Variant("ranger", "adam_lars (LAMB)", "adam_lars", "linear", 0.0, trust),
         Variant("ranger", "ranger_lars, all layers adapted", "ranger_lars_all", "linear", 0.0, trust),
         Variant("ranger", "adam_lars, all layers adapted", "adam_lars_all", "linear", 0.0, trust),
@@ -238,7 +239,7 @@ def plot(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Name
     fig.savefig(os.path.join(args.out_dir, "ablation.png"), dpi=110)
     plt.close(fig)
     # 2. the LR sweeps behind the bars
-    panels = [("warmup", "sgd"), ("warmup", "lars"), ("warmup", "lars_all"), ("ranger", None)]
+    panels = [("warmup", "sgd"), ("warmup", "lars_plain_excluded"), ("warmup", "lars_all"), ("ranger", None)]
     panels = [p for p in panels if p[0] in groups]
     ncols = 2 if len(panels) > 2 else len(panels)
     nrows = (len(panels) + ncols - 1) // ncols

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
         groups = build_param_groups(model, args.weight_decay)
         for g in groups:
-            g.pop("adapt", None)
+            g.pop("excluded", None)  # an hf_lars group key; AdamW would keep it as a dead entry
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
         scheduler = get_warmup_poly_schedule(optimizer, warmup, args.max_steps, power=args.power, lr_end=args.lr_end)
     else:

@@ -22,7 +22,6 @@ from optim_reference import (
     ReferenceLARS,
     ReferenceOptimizer,
     ReferenceRangerLARS,
-    resolve_adapt,
 )
 
 __all__ = [
@@ -90,8 +89,12 @@ class OptimizerInfo:
 _GROUP_VIAS = ("group", "add_param_group")  # not constructor keywords
 _GROUP_ERRORS = (
     ErrorInput("unknown group key", {"lr_typo": 0.1}, r"Unknown param group key\(s\).*lr_typo", vias=_GROUP_VIAS),
-    ErrorInput("adapt not a bool", {"adapt": "yes"}, r"Invalid adapt value: 'yes'", vias=_GROUP_VIAS),
-    ErrorInput("adapt 1", {"adapt": 1}, r"Invalid adapt value: 1", vias=_GROUP_VIAS),
+    ErrorInput("removed key adapt", {"adapt": False}, r"'adapt' was replaced by .*'excluded': True", vias=_GROUP_VIAS),
+    ErrorInput("excluded not a bool", {"excluded": "yes"}, r"Invalid excluded value: 'yes'", vias=_GROUP_VIAS),
+    ErrorInput("excluded 1", {"excluded": 1}, r"Invalid excluded value: 1", vias=_GROUP_VIAS),
+    ErrorInput("adapt_excluded not a bool", {"adapt_excluded": "no"}, r"Invalid adapt_excluded value: 'no'"),
+    ErrorInput("exclude_1d a string", {"exclude_1d": "no"}, r"Invalid exclude_1d value: 'no' \(allowed: True or False"),
+    ErrorInput("foreach a string", {"foreach": "yes"}, r"Invalid foreach value: 'yes' \(allowed: True, False or"),
 )
 
 _ADAM_ERRORS = (
@@ -119,6 +122,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             nesterov=False,
             trust_clip=False,
             exclude_1d=True,
+            adapt_excluded=True,
             foreach=None,
         ),
         required={"lr": 0.1},
@@ -139,9 +143,17 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
                 "exclude_1d False", {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "exclude_1d": False}
             ),
             OptimizerInput(
-                "groups adapt False/True",
-                {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01},
-                groups={"conv": {"adapt": False, "lr": 0.3}, "norm": {"adapt": True, "weight_decay": 0.1}},
+                "adapt_excluded False",
+                {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "adapt_excluded": False},
+            ),
+            OptimizerInput(
+                "groups excluded, adapt_excluded False/True",
+                {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.01, "adapt_excluded": False},
+                groups={
+                    "conv": {"excluded": True, "lr": 0.3},
+                    "norm": {"adapt_excluded": True, "weight_decay": 0.1},
+                    "fc1": {"excluded": True, "adapt_excluded": True, "weight_decay": 0.1},
+                },
             ),
         ),
         errors=(
@@ -155,6 +167,8 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             ErrorInput(
                 "nesterov without momentum", {"momentum": 0.0, "nesterov": True}, r"Invalid nesterov value.*momentum"
             ),
+            ErrorInput("nesterov a string", {"nesterov": "no"}, r"Invalid nesterov value: 'no'"),
+            ErrorInput("trust_clip 0", {"trust_clip": 0}, r"Invalid trust_clip value: 0"),
             *_GROUP_ERRORS,
         ),
         state_keys=frozenset({"momentum_buffer"}),
@@ -172,6 +186,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             trust_clip=False,
             trust_bounds=None,
             exclude_1d=True,
+            adapt_excluded=False,
             foreach=None,
         ),
         required={},
@@ -187,10 +202,15 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
                 "no bias correction, eps 0.1", {"lr": 0.05, "bias_correction": False, "betas": (0.8, 0.99), "eps": 0.1}
             ),
             OptimizerInput("exclude_1d False", {"lr": 0.05, "exclude_1d": False}),
+            OptimizerInput("adapt_excluded True", {"lr": 0.05, "adapt_excluded": True}),
             OptimizerInput(
-                "groups adapt False/True",
+                "groups excluded, adapt_excluded False/True",
                 {"lr": 0.05},
-                groups={"conv": {"adapt": False, "lr": 0.02}, "norm": {"adapt": True, "weight_decay": 0.1}},
+                groups={
+                    "conv": {"excluded": True, "lr": 0.02},
+                    "norm": {"adapt_excluded": True, "weight_decay": 0.1},
+                    "fc1": {"excluded": True, "adapt_excluded": True, "weight_decay": 0.1},
+                },
             ),
         ),
         errors=(
@@ -199,6 +219,8 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             ErrorInput("trust_bounds lo > hi", {"trust_bounds": (2.0, 1.0)}, r"Invalid trust_bounds value: \(2\.0, 1"),
             ErrorInput("trust_bounds lo < 0", {"trust_bounds": (-1.0, 1.0)}, r"Invalid trust_bounds value"),
             ErrorInput("trust_bounds not a pair", {"trust_bounds": 1.0}, r"Invalid trust_bounds value: 1\.0"),
+            ErrorInput("bias_correction 1", {"bias_correction": 1}, r"Invalid bias_correction value: 1"),
+            ErrorInput("trust_clip a string", {"trust_clip": "yes"}, r"Invalid trust_clip value: 'yes'"),
             *_GROUP_ERRORS,
         ),
         state_keys=frozenset({"step", "exp_avg", "exp_avg_sq"}),
@@ -218,6 +240,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             rectify_threshold=5.0,
             exclude_1d=True,
             degenerated_to_sgd=False,
+            adapt_excluded=False,
             foreach=None,
         ),
         required={},
@@ -234,10 +257,15 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             # RAdam's SGD-momentum fallback while unrectified (no trust ratio, no weight decay); k 4: a
             # Lookahead sync inside the unrectified phase too.
             OptimizerInput("degenerated_to_sgd", {"lr": 0.05, "degenerated_to_sgd": True, "k": 4}),
+            OptimizerInput("adapt_excluded True", {"lr": 0.05, "adapt_excluded": True}),
             OptimizerInput(
-                "groups adapt False/True",
+                "groups excluded, adapt_excluded False/True",
                 {"lr": 0.05},
-                groups={"conv": {"adapt": False, "lr": 0.02}, "norm": {"adapt": True, "weight_decay": 0.1, "k": 5}},
+                groups={
+                    "conv": {"excluded": True, "lr": 0.02},
+                    "norm": {"adapt_excluded": True, "weight_decay": 0.1, "k": 5},
+                    "fc1": {"excluded": True, "adapt_excluded": True, "weight_decay": 0.1},
+                },
             ),
         ),
         errors=(
@@ -248,6 +276,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             ErrorInput("alpha > 1", {"alpha": 1.5}, r"Invalid alpha value: 1\.5"),
             ErrorInput("rectify_threshold <= 4", {"rectify_threshold": 3.0}, r"Invalid rectify_threshold value: 3"),
             ErrorInput("degenerated_to_sgd not a bool", {"degenerated_to_sgd": 1}, r"Invalid degenerated_to_sgd value: 1"),
+            ErrorInput("use_gc a string", {"use_gc": "false"}, r"Invalid use_gc value: 'false'"),
             *_GROUP_ERRORS,
         ),
         state_keys=frozenset({"step", "exp_avg", "exp_avg_sq", "slow_buffer"}),
@@ -377,22 +406,20 @@ def build(
         params = [layers[j] if named else layers[j][1] for j in idx]
         groups.append({"params": params, **overrides})
         order.extend(idx)
-        hps.extend({**base, "adapt": None, **overrides} for _ in idx)
+        hps.extend({**base, **overrides} for _ in idx)
     kwargs = {**info.required, **inp.kwargs}
     if foreach is not None:
         kwargs["foreach"] = foreach
     opt = info.cls(groups, **kwargs)
     names = [layers[j][0] for j in order] if named else [str(i) for i in range(len(order))]
     params = [layers[j][1] for j in order]
-    adapt = [resolve_adapt(p.shape, hp["exclude_1d"], hp["adapt"]) for p, hp in zip(params, hps)]
-    ref = info.reference(names, params, hps, adapt, **(reference_kwargs or {}))
+    ref = info.reference(names, params, hps, **(reference_kwargs or {}))
     return Setup(opt=opt, ref=ref, names=names, params=params, order=order)
 
 
 # ------------------------------------------------------------------------------------- convergence
 # Registry name -> keyword arguments for the convergence smoke test (seeded synthetic regression task).
-# Excluded layers (biases, LayerNorm) take LARS's plain SGD step at ``lr``, so LARS gets a moderate lr and a
-# larger trust coefficient rather than the paper's lr ~ 1-10 with eta = 1e-3.
+# LARS gets a moderate lr and a larger trust coefficient rather than the paper's lr ~ 1-10 with eta = 1e-3.
 CONVERGENCE: dict[str, dict[str, Any]] = {
     "lars": {"lr": 0.2, "trust_coefficient": 0.05},
     "larc": {"lr": 0.2, "trust_coefficient": 0.05},

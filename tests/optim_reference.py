@@ -5,10 +5,11 @@ float64 and every scalar (step counts, ``beta**t``, ``rho_t``, norms, ratios) a 
 double.  Nothing here imports ``hf_lars``.
 
 A reference optimizer holds its own float64 copy of each layer's weights and its own state.  Each layer has
-its own hyper-parameters (``hp``: the merged values of its param group) and an ``adapt`` flag (already
-resolved from ``exclude_1d`` / the group's ``adapt``).  :meth:`ReferenceOptimizer.step` takes one gradient
-per layer (``None``: the layer is skipped and its step count does not advance, like a parameter without a
-gradient in ``torch.optim``) and returns ``{layer name: trust ratio}`` for the adapted layers it stepped.
+its own hyper-parameters (``hp``: the merged values of its param group, the optimizer's documented
+defaults included) from which :func:`resolve_roles` decides, independently of ``hf_lars``, whether it takes
+the trust ratio and whether it takes weight decay (docs/design.md, "Exclusion: two decisions").
+:meth:`ReferenceOptimizer.step` takes one gradient per layer (``None``: the layer is skipped and its step
+count does not advance, like a parameter without a gradient in ``torch.optim``) and returns ``{layer name: trust ratio}`` for the adapted layers it stepped.
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ __all__ = [
     "ReferenceLARS",
     "ReferenceAdamLARS",
     "ReferenceRangerLARS",
-    "resolve_adapt",
+    "resolve_roles",
     "radam_rho",
     "radam_s",
 ]
 
 
-def resolve_adapt(shape: Sequence[int], exclude_1d: bool, adapt: bool | None) -> bool:
-    """Whether a layer gets the trust ratio and weight decay (docs/design.md, "The update rules": excluded layers get neither)."""
-    if adapt is not None:
-        return adapt
-    return len(shape) > 1 if exclude_1d else True
+def resolve_roles(shape: Sequence[int], hp: dict[str, Any]) -> tuple[bool, bool]:
+    """``(adapted, decayed)`` of a layer (docs/design.md, "Exclusion: two decisions").
+
+    Excluded: 1-D or 0-D under ``exclude_1d``, or any layer of a group with ``excluded=True``.  Excluded
+    layers never decay and take the trust ratio only under ``adapt_excluded``; the others take both.
+    """
+    excluded = bool(hp.get("excluded", False)) or (hp["exclude_1d"] and len(shape) <= 1)
+    if excluded:
+        return bool(hp["adapt_excluded"]), False
+    return True, True
 
 
 def _norm(x: Tensor) -> float:
@@ -44,10 +50,18 @@ def _norm(x: Tensor) -> float:
 
 
 def _ratio(num: float, den: float, w_norm: float, other_norm: float) -> float:
-    """``num / den``, or 1 where either norm is 0 (docs/design.md, "The update rules": never NaN, never a zero step)."""
+    """``num / den``; 1 where either norm is 0 (never a zero step); NaN where a norm is not finite
+    (docs/design.md, "The update rules": NaN is never reported as a healthy 1)."""
+    if not (math.isfinite(w_norm) and math.isfinite(other_norm)):
+        return math.nan
     if w_norm == 0.0 or other_norm == 0.0:
         return 1.0
     return num / den
+
+
+def _min(a: float, b: float) -> float:
+    """``min`` that keeps a NaN (Python's ``min(nan, 1.0)`` is nan but ``min(1.0, nan)`` is 1.0)."""
+    return a if math.isnan(a) else min(a, b)
 
 
 def radam_rho(t: int, beta2: float) -> float:
@@ -72,14 +86,15 @@ class ReferenceOptimizer:
         names: Sequence[str],
         weights: Sequence[Tensor],
         hps: Sequence[dict[str, Any]],
-        adapt: Sequence[bool],
     ) -> None:
-        if not (len(names) == len(weights) == len(hps) == len(adapt)):
-            raise AssertionError("names, weights, hps and adapt must be parallel lists")
+        if not (len(names) == len(weights) == len(hps)):
+            raise AssertionError("names, weights and hps must be parallel lists")
         self.names = list(names)
         self.weights = [w.detach().to(torch.float64).clone() for w in weights]
         self.hps = [dict(hp) for hp in hps]
-        self.adapt = list(adapt)
+        roles = [resolve_roles(w.shape, hp) for w, hp in zip(weights, hps)]
+        self.adapt = [a for a, _ in roles]
+        self.decay = [d for _, d in roles]
         self.state: list[dict[str, Any]] = [{} for _ in weights]
 
     def step(self, grads: Sequence[Tensor | None]) -> dict[str, float]:
@@ -104,20 +119,18 @@ class ReferenceLARS(ReferenceOptimizer):
         buf = momentum * buf + rho * d                       (first step: buf = rho * d)
         w   = w - lr * buf                                   (nesterov: w - lr * (rho * d + momentum * buf))
 
-    Excluded layers: rho = 1, wd = 0.  The ratio returned for an unrectified step (which applies none) is
-    ``||w|| / ||m^ + wd * w||``, what the optimizer reports then.
+    Excluded layers: wd = 0; not adapted (``adapt_excluded=False``): rho = 1.
     """
 
     def _step_layer(self, i: int, g: Tensor) -> float:
         hp, w, st = self.hps[i], self.weights[i], self.state[i]
+        wd = hp["weight_decay"] if self.decay[i] else 0.0
+        rho = 1.0
         if self.adapt[i]:
-            wd = hp["weight_decay"]
             w_norm, g_norm = _norm(w), _norm(g)
             rho = _ratio(hp["trust_coefficient"] * w_norm, g_norm + wd * w_norm + hp["eps"], w_norm, g_norm)
             if hp["trust_clip"]:
-                rho = min(rho, 1.0)  # LARC: the effective rate lr * rho never exceeds lr
-        else:
-            wd, rho = 0.0, 1.0
+                rho = _min(rho, 1.0)  # LARC: the effective rate lr * rho never exceeds lr
         d = g + wd * w
         mu = hp["momentum"]
         if mu == 0:
@@ -153,7 +166,7 @@ class ReferenceAdamLARS(ReferenceOptimizer):
         rho = ||w|| / ||u||        (1 if a norm is 0; trust_clip: min(rho, 1); trust_bounds: clamp)
         w = w - lr * rho * u
 
-    Excluded layers: rho = 1, wd = 0.  ``bias_correction=False``: m^ = m, v^ = v.
+    Excluded layers: wd = 0; not adapted: rho = 1.  ``bias_correction=False``: m^ = m, v^ = v.
     """
 
     def _step_layer(self, i: int, g: Tensor) -> float:
@@ -167,15 +180,16 @@ class ReferenceAdamLARS(ReferenceOptimizer):
             m_hat, v_hat = m, v
         u = m_hat / (v_hat.sqrt() + hp["eps"])
         rho = 1.0
-        if self.adapt[i]:
+        if self.decay[i]:
             u = u + hp["weight_decay"] * w
+        if self.adapt[i]:
             w_norm, u_norm = _norm(w), _norm(u)
             rho = _ratio(w_norm, u_norm, w_norm, u_norm)
             if hp["trust_clip"]:
-                rho = min(rho, 1.0)
+                rho = _min(rho, 1.0)
             if hp["trust_bounds"] is not None:
                 lo, hi = hp["trust_bounds"]
-                rho = min(max(rho, lo), hi)
+                rho = _min(-_min(-rho, -lo), hi)
         self.weights[i] = w - hp["lr"] * rho * u
         return rho
 
@@ -192,8 +206,8 @@ class ReferenceRangerLARS(ReferenceOptimizer):
         else:                 no update                   (degenerated_to_sgd: w = w - lr * m^)
         every k steps:  slow = slow + alpha * (w - slow) ;  w = slow      (slow starts as w at step 0)
 
-    Excluded layers: rho = 1, wd = 0.  The ratio returned for an unrectified step (which applies none) is
-    ``||w|| / ||m^ + wd * w||``, what the optimizer reports then.
+    Excluded layers: wd = 0; not adapted (``adapt_excluded=False``): rho = 1.  The ratio returned for an
+    unrectified step (which applies none) is ``||w|| / ||m^ + wd * w||``, what the optimizer reports then.
 
     ``s_inside_ratio=True`` is the *wrong* variant found in RangerLars ports (``u = s * r + wd * w``, no
     ``s`` outside the ratio): with ``wd = 0`` the ``s`` cancels in ``rho * u``.  Tests use it to show the
@@ -223,9 +237,8 @@ class ReferenceRangerLARS(ReferenceOptimizer):
         if self.s_inside_ratio and rectified:
             r, s = s * r, 1.0
         rho = 1.0
-        u = r
+        u = r + hp["weight_decay"] * w if self.decay[i] else r
         if self.adapt[i]:
-            u = r + hp["weight_decay"] * w
             w_norm, u_norm = _norm(w), _norm(u)
             rho = _ratio(w_norm, u_norm, w_norm, u_norm)
         w = w - hp["lr"] * s * rho * u

@@ -97,6 +97,19 @@ def test_trainer_zero2_with_clipping_matches_ddp(optim: str, cls: str) -> None:
     _matches_ddp(zero, ddp, optim)
 
 
+@pytest.mark.parametrize("optim", ["adam_lars", "ranger_lars"])
+def test_trainer_zero3_under_zero_init_excludes_by_real_shape(optim: str) -> None:
+    """Under ``deepspeed.zero.Init`` every parameter is a 1-D placeholder; the groups (Trainer's split, the
+    no-decay one ``excluded``) and the adapted layers (AdamLARS/RangerLARS: exactly the 2-D ones, from
+    ``ds_shape``) are the same as in DDP."""
+    runs = trainer_runs()
+    zero, ddp = _case(runs, f"zero3_{optim}"), _case(runs, f"ddp_{optim}")
+    assert zero["placeholder_1d"] is True and ddp["placeholder_1d"] is False
+    assert zero["groups"] == ddp["groups"]
+    assert [g["excluded"] for g in zero["groups"]] == [False, True] and zero["groups"][1]["weight_decay"] == 0.0
+    assert zero["ratio_layers"] == ddp["ratio_layers"] == zero["two_d_layers"]
+
+
 def test_trainer_zero3_logs_the_trust_ratios_of_every_sub_group() -> None:
     runs = trainer_runs()
     zero, ddp = _case(runs, "zero3_ranger_lars"), _case(runs, "ddp_ranger_lars")

@@ -220,3 +220,32 @@ def test_accelerate_paths(integration_run: dict[str, Any]) -> None:
     assert r["dummy"] == {"basic_optimizer": "AdamLARS", "num_processes": 2, "stepped": 1}
     # A client optimizer under the shipped offload config is not swapped for DeepSpeedCPUAdam.
     assert r["client_offload"]["basic_optimizer"] == "AdamLARS"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("route", ["client", "config_type"])
+def test_stage0_initialize_counts_no_step_and_leaves_weights(integration_run: dict[str, Any], route: str) -> None:
+    """DeepSpeed's stage-0 bf16 wrapper steps once with zero gradients at initialize; routed to
+    initialize_state(), AdamLARS counts no step and takes no weight decay there; the first real step is 1."""
+    r = integration_run[f"stage0_{route}"]
+    assert r["wrapper"] == "FP16_UnfusedOptimizer" and r["patch_installed"]
+    assert r["steps_after_initialize"] == [0.0]
+    assert r["weights_unchanged"] is True
+    assert r["steps_after_one_step"] == [1.0]
+    control = integration_run["stage0_unpatched"]  # DeepSpeed's own method: the bug the patch removes
+    assert control["steps_after_initialize"] == [1.0] and control["weights_unchanged"] is False
+
+
+def test_deepspeed_patches_list_their_private_names() -> None:
+    from hf_lars.integrations import deepspeed_patches
+
+    assert deepspeed_patches.PATCHED_PRIVATE_NAMES == (
+        ("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer", "initialize_optimizer_states"),
+    )
+    assert deepspeed_patches.install() == [".".join(deepspeed_patches.PATCHED_PRIVATE_NAMES[0])]
+    assert deepspeed_patches.installed()
+    assert deepspeed_patches.install() == deepspeed_patches.install()  # idempotent: wrapped once
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    original = FP16_UnfusedOptimizer.initialize_optimizer_states._hf_lars_original
+    assert not hasattr(original, "_hf_lars_original")

@@ -65,7 +65,7 @@ def _assert_state_equal(a, b, exact=True, what=""):
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
 def test_signature_and_group_defaults(info):
     """The constructor has the documented parameters, order and defaults, and every hyper-parameter (plus
-    ``adapt``) is a param-group key holding that default."""
+    ``excluded``, False) is a param-group key holding that default."""
     sig = inspect.signature(info.cls.__init__)
     names = [n for n in sig.parameters if n != "self"]
     expected = ["params"] + (["lr"] if "lr" not in info.defaults else []) + list(info.defaults)
@@ -77,7 +77,7 @@ def test_signature_and_group_defaults(info):
     assert issubclass(info.cls, torch.optim.Optimizer)
     opt = info.cls([nn.Parameter(torch.randn(3, 2))], **info.required)
     group = opt.param_groups[0]
-    for name, value in {**info.defaults, **info.required, "adapt": None}.items():
+    for name, value in {**info.defaults, **info.required, "excluded": False}.items():
         assert group[name] == value, name
 
 
@@ -179,7 +179,7 @@ def test_add_param_group(info):
     for a, b in zip(full.params, fresh.params):
         assert torch.equal(a, b)
     assert opt.trust_ratios().keys() == full.opt.trust_ratios().keys()
-    assert "norm.weight" in opt.trust_ratios()  # the added group with adapt=True
+    assert "norm.weight" in opt.trust_ratios()  # the added group with adapt_excluded=True
 
 
 # ---------------------------------------------------------------------------------- foreach
@@ -254,7 +254,7 @@ def test_state_dict_resume_is_bit_identical(info, inp, dtype):
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
 def test_state_dict_contents(info):
     """After a step the state holds torch's keys (fp32 tensors, a 0-d fp32 ``step`` tensor for the Adam
-    forms) and param_groups hold every hyper-parameter, ``adapt`` and the names."""
+    forms) and param_groups hold every hyper-parameter, ``excluded`` and the names."""
     setup = build(info, OptimizerInput("x", {**info.required, "weight_decay": 0.1}), dtype=torch.float32)
     setup.set_grads(make_grads(1, torch.float32, special=False))
     setup.opt.step()
@@ -267,7 +267,7 @@ def test_state_dict_contents(info):
             if key == "step":
                 assert value.dim() == 0 and float(value) == 1.0
     group = sd["param_groups"][0]
-    assert set(info.defaults) | {"lr", "adapt", "params", "param_names"} <= set(group)
+    assert set(info.defaults) | {"lr", "excluded", "params", "param_names"} <= set(group)
     assert group["param_names"] == setup.names
     if info.name == "RangerLARS":  # the slow weights start as the initial weights
         for i, (_, p0) in enumerate(make_layers(torch.float32)):

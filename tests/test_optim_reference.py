@@ -79,7 +79,8 @@ def test_zero_initialised_layers(name, exclude_1d):
         setup.set_grads(make_grads(step, special=name != "RangerLARS"))
         setup.opt.step()
     ratios = setup.opt.trust_ratios()
-    zero_layers = ["zero.weight"] + ([] if exclude_1d else ["zero.bias"])
+    bias_adapted = not exclude_1d or info.defaults["adapt_excluded"]  # LARS adapts excluded layers by default
+    zero_layers = ["zero.weight"] + (["zero.bias"] if bias_adapted else [])
     for layer in zero_layers:
         p = setup.params[setup.names.index(layer)]
         assert float(ratios[layer]) == 1.0
@@ -88,7 +89,7 @@ def test_zero_initialised_layers(name, exclude_1d):
     for p in setup.params:
         assert torch.isfinite(p).all()
     assert all(torch.isfinite(r) for r in ratios.values())
-    if exclude_1d:
+    if not bias_adapted:
         assert "zero.bias" not in ratios
 
 
@@ -218,7 +219,7 @@ def test_gradient_centralization_through_the_update(use_gc):
     info = INFO["RangerLARS"]
     lr = 0.1
     kwargs = {"lr": lr, "weight_decay": 0.1, "use_gc": use_gc, "degenerated_to_sgd": True}
-    inp = OptimizerInput("gc", kwargs, groups={"conv": {"adapt": False}})
+    inp = OptimizerInput("gc", kwargs, groups={"conv": {"excluded": True}})
     setup = build(info, inp)
     grads = setup.set_grads(make_grads(1, special=False))
     before = [p.detach().clone() for p in setup.params]
@@ -260,7 +261,11 @@ def test_trust_ratio_names_and_indices(name):
     """Named params report their names, plain tensors their global index (counted across groups); only
     adapted layers appear; values are 0-d tensors equal to the reference ratios."""
     info = INFO[name]
-    inp = OptimizerInput("two groups", {"lr": 0.05}, groups={"fc2": {"adapt": False}, "zero": {"weight_decay": 0.0}})
+    inp = OptimizerInput(
+        "two groups",
+        {"lr": 0.05, "adapt_excluded": False},
+        groups={"fc2": {"excluded": True, "adapt_excluded": False}, "zero": {"weight_decay": 0.0}},
+    )
     for named in (True, False):
         setup = build(info, inp, named=named)
         grads = setup.set_grads(make_grads(1, special=False))

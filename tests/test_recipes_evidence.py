@@ -86,3 +86,19 @@ def test_no_trust_variant_refuses_weight_decay() -> None:
     experiment = _load("_experiment")
     with pytest.raises(ValueError, match="weight_decay=0"):
         experiment.build_optimizer(experiment.make_convnet(4), "ranger_lars_no_trust", lr=0.01, weight_decay=1e-4)
+
+
+@pytest.mark.parametrize("unreachable", ["val", "test"])
+def test_train_run_scores_each_split_on_its_own_data(unreachable: str) -> None:
+    """``val_acc`` comes from the validation split and ``test_acc`` from the test split (the LR is chosen on
+    validation, test accuracy only reported): with one split's labels set to an impossible class, that
+    split's accuracy is exactly 0 and the other's is not.  Independent of how well the two steps train."""
+    experiment = _load("_experiment")
+    data = experiment.load_digits_splits()
+    x, y = data[unreachable]
+    data = {**data, unreachable: (x, torch.full_like(y, -1))}
+    cfg = experiment.RunConfig("sgd", lr=1e-3, batch_size=64, seed=0, epochs=0.01, width=4, augment=False)
+    row = experiment.train_run(cfg, data)
+    other = "test" if unreachable == "val" else "val"
+    assert row[f"{unreachable}_acc"] == 0.0
+    assert row[f"{other}_acc"] > 0.0

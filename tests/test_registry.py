@@ -121,23 +121,26 @@ def test_unknown_keyword_argument_is_named():
 
 @pytest.mark.parametrize("name", sorted(NAMES))
 def test_create_optimizer_from_a_module(name):
-    """Two groups (decay / no-decay); the no-decay group has weight_decay 0 and adapt False; names reach the
-    optimizer and its trust ratios; frozen parameters are left out."""
+    """Two groups (decay / no-decay); the no-decay group has weight_decay 0 and excluded True, adaptation
+    left to the class (LARS adapts it, the Adam forms do not); names reach the optimizer and its trust
+    ratios; frozen parameters are left out."""
     model = Net()
     opt = create_optimizer(model, name, weight_decay=0.05, **_lr(name))
     assert type(opt) is EXPECTED[name][0]
     decay, no_decay = opt.param_groups
     assert decay["param_names"] == DECAY
     assert no_decay["param_names"] == NO_DECAY
-    assert decay["weight_decay"] == 0.05 and decay["adapt"] is None
-    assert no_decay["weight_decay"] == 0.0 and no_decay["adapt"] is False
+    assert decay["weight_decay"] == 0.05 and decay["excluded"] is False
+    assert no_decay["weight_decay"] == 0.0 and no_decay["excluded"] is True
+    lars_family = EXPECTED[name][0] is LARS
+    assert decay["adapt_excluded"] is no_decay["adapt_excluded"] is lars_family
     named = dict(model.named_parameters())
     assert [id(p) for p in decay["params"]] == [id(named[n]) for n in DECAY]
     assert [id(p) for p in no_decay["params"]] == [id(named[n]) for n in NO_DECAY]
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     before = {n: p.detach().clone() for n, p in named.items()}
     opt.step()
-    assert set(opt.trust_ratios()) == set(DECAY)
+    assert set(opt.trust_ratios()) == set(DECAY) | (set(NO_DECAY) if lars_family else set())
     for n, p in named.items():
         moved = not torch.equal(p, before[n])
         assert moved == p.requires_grad, n
@@ -172,8 +175,9 @@ def test_build_param_groups():
         for n, p in group["params"]:
             assert p is named[n]
             assert not n.startswith("frozen")
-    assert decay["weight_decay"] == 0.03 and "adapt" not in decay
-    assert no_decay["weight_decay"] == 0.0 and no_decay["adapt"] is False
+    assert decay["weight_decay"] == 0.03 and "excluded" not in decay
+    assert no_decay["weight_decay"] == 0.0 and no_decay["excluded"] is True
+    assert not any("adapt_excluded" in g for g in groups)  # the optimizer's default decides
     assert decay["foreach"] is False and no_decay["foreach"] is False
 
 

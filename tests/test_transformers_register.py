@@ -88,12 +88,14 @@ def test_trainer_run_with_registered_name(registered: None, tmp_path, name: str)
     inner = trainer.optimizer.optimizer  # Accelerate's wrapper around ours
     assert type(inner) is CLASSES[name]
     decay, no_decay = inner.param_groups
-    # Trainer's split, with names; the no-decay group (norm weights) is excluded from the trust ratio too
+    # Trainer's split, with names; the no-decay group (norm weights) is excluded: no weight decay, and the
+    # trust ratio only for the LARS family (adapt_excluded's class default)
     assert set(no_decay["param_names"]) == _norm_names(model)
-    assert no_decay["adapt"] is False and no_decay["weight_decay"] == 0.0
-    assert decay["weight_decay"] == 0.05 and decay["adapt"] is None
+    assert no_decay["excluded"] is True and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.05 and decay["excluded"] is False
     assert set(decay["param_names"]) == {n for n, _ in model.named_parameters()} - _norm_names(model)
-    assert set(inner.trust_ratios()) == set(decay["param_names"])
+    adapted = set(decay["param_names"]) | (set(no_decay["param_names"]) if CLASSES[name] is LARS else set())
+    assert set(inner.trust_ratios()) == adapted
     # it trained: every tensor moved, losses finite, trust ratios logged at each logging step
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
     rows = [r for r in trainer.state.log_history if "loss" in r]
@@ -272,7 +274,7 @@ def test_subclass_decay_split_is_honoured(registered: None, tmp_path) -> None:
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is AdamLARS
     decay, no_decay = optimizer.param_groups
-    assert "model.embed_tokens.weight" in no_decay["param_names"] and no_decay["adapt"] is False
+    assert "model.embed_tokens.weight" in no_decay["param_names"] and no_decay["excluded"] is True
     assert "model.embed_tokens.weight" not in decay["param_names"] and decay["weight_decay"] == 0.1
 
 

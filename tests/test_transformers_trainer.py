@@ -52,7 +52,7 @@ def test_lars_trainer_needs_no_patching(unpatched: None, tmp_path: Path) -> None
     trainer.train()
     inner = trainer.optimizer.optimizer
     assert type(inner) is RangerLARS and inner.defaults["k"] == 2 and inner.defaults["alpha"] == 0.6
-    assert inner.param_groups[1]["adapt"] is False
+    assert inner.param_groups[1]["excluded"] is True and inner.param_groups[1]["adapt_excluded"] is False
     lrs = [r["learning_rate"] for r in trainer.state.log_history if "loss" in r]
     # warmup 1 step, then linear decay (power 1) over 3: steps 2 and 4 used lr(t=1) and lr(t=3)
     assert lrs == pytest.approx([1e-2, 1e-2 / 3])
@@ -106,11 +106,12 @@ def test_callback_logs_stats_and_per_layer_jsonl(tmp_path: Path) -> None:
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenBlocks())
     trainer.train()
     inner = trainer.optimizer.optimizer
-    decay_names = inner.param_groups[0]["param_names"]
+    # LARS adapts its excluded (no-decay) group too: every layer has a ratio, group by group
+    adapted = [n for g in inner.param_groups for n in g["param_names"]]
 
     rows = _rows(tmp_path / TRUST_RATIO_FILE)
     assert [r["step"] for r in rows] == [2, 4]
-    assert all(list(r["trust_ratios"]) == decay_names for r in rows)  # adapted layers only, in model order
+    assert all(list(r["trust_ratios"]) == adapted for r in rows)  # adapted layers only, in group order
     final = {k: v.item() for k, v in inner.trust_ratios().items()}
     assert rows[-1]["trust_ratios"] == pytest.approx(final, rel=1e-6)
     logged = [r for r in trainer.state.log_history if "loss" in r]
@@ -226,3 +227,28 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, optim: str, optim_args
     assert ratios[-3:] == [r["trust_ratio_max"] for r in full.state.log_history if "loss" in r][-3:]
     # the per-layer log of the resumed run has each step once
     assert [r["step"] for r in _rows(tmp_path / "run" / TRUST_RATIO_FILE)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_trust_ratio_is_logged_as_nan_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN gradient gives a NaN ratio: the logged statistics are NaN (never a healthy-looking summary), a
+    count of the bad layers is logged, and one warning per run names them."""
+    from transformers import TrainerControl, TrainerState
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    opt = LARS(list(model.named_parameters()), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[1].weight.grad[0, 0] = float("nan")
+    opt.step()
+    callback = TrustRatioCallback(per_layer=False)
+    args, state, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control, optimizer=opt)
+    logs = [{"loss": 1.0}, {"loss": 1.0}]
+    with caplog.at_level("WARNING", logger="hf_lars.integrations.callbacks"):
+        for log in logs:
+            callback.on_log(args, state, control, logs=log, optimizer=opt)
+    assert all(torch.isnan(torch.tensor(log[k])) for log in logs for k in STAT_KEYS)
+    assert logs[0]["trust_ratio_nonfinite"] == 1.0  # 1.weight (1.bias shares none of its gradient)
+    warnings = [r for r in caplog.records if "non-finite trust ratio" in r.getMessage()]
+    assert len(warnings) == 1 and "1.weight" in warnings[0].getMessage() and "0.weight" not in warnings[0].getMessage()
+    assert summarize_trust_ratios({"a": 1.0, "b": float("inf")})["trust_ratio_nonfinite"] == 1.0

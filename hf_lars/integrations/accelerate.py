@@ -14,7 +14,8 @@
             accelerator.log({"loss": loss, **stats}, step=step)
 
 The optimizer is built from the registry (:func:`hf_lars.create_optimizer`: named ``(name, tensor)`` groups,
-biases and norm weights in a no-decay group that is not adapted), the schedule by
+biases and norm weights in a no-decay group marked ``excluded``: no weight decay, and the trust ratio only if
+the optimizer's ``adapt_excluded`` says so), the schedule by
 :func:`hf_lars.schedule.get_warmup_poly_schedule`, which reads ``param_groups`` only (no ``.defaults``) and so
 keeps working once DeepSpeed has wrapped the optimizer.
 """
@@ -58,7 +59,7 @@ def create_optimizer_and_scheduler(
         lr: peak learning rate.
         num_training_steps: optimizer steps in the run (``T`` of the schedule).
         num_warmup_steps: warmup steps (``W``).
-        weight_decay: decay of the adapted group (``None``: the class default).
+        weight_decay: decay of the decay group (``None``: the class default).
         power, lr_end, warmup, warmup_start: the schedule's shape (see :mod:`hf_lars.schedule`).
         optimizer_kwargs: any other constructor argument (``trust_coefficient=...``, ``betas=...``).
     """

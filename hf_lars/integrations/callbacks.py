@@ -9,6 +9,7 @@ The framework-free half (reading, summarising and writing trust ratios) is
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,6 +134,7 @@ class TrustRatioCallback(TrainingLogCallback):
         self.filename = filename
         self.gather = gather
         self._writer: TrustRatioWriter | None = None
+        self._warned_nonfinite = False
 
     def on_train_begin(
         self,
@@ -143,6 +145,7 @@ class TrustRatioCallback(TrainingLogCallback):
         **kwargs: Any,
     ) -> None:
         self._writer = None
+        self._warned_nonfinite = False
         ours = find_trust_ratio_optimizer(optimizer) is not None
         if ours and self.per_layer and state.is_world_process_zero and args.output_dir:
             self._writer = TrustRatioWriter(Path(args.output_dir) / self.filename)
@@ -155,9 +158,25 @@ class TrustRatioCallback(TrainingLogCallback):
             return {}
         values = trust_ratio_values(optimizer, gather=self.gather)
         stats = summarize_trust_ratios(values)
+        if "trust_ratio_nonfinite" in stats and not self._warned_nonfinite:
+            self._warn_nonfinite(values, state.global_step)
         if stats and self._writer is not None:
             self._writer.write(state.global_step, values)
         return stats
+
+    def _warn_nonfinite(self, values: Mapping[str, float], step: int) -> None:
+        """Once per run: the layers whose trust ratio is not finite (their weights are NaN/inf now)."""
+        self._warned_nonfinite = True
+        bad = [name for name, v in values.items() if not math.isfinite(v)]
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        logger.warning(
+            "hf_lars: non-finite trust ratio at step %d in %d layer(s): %s. Their gradients or weights are NaN "
+            "or infinite (the optimizer propagates them, as torch's optimizers do): lower the learning rate, "
+            "enable gradient clipping, or use bf16/loss scaling.  Warned once per run.",
+            step,
+            len(bad),
+            shown,
+        )
 
 
 def add_trust_ratio_callback(trainer: Any, callback: TrustRatioCallback | None = None) -> TrustRatioCallback:

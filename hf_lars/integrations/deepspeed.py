@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,10 @@ class _Factory:
         setattr(self, _MARK, True)
 
     def __call__(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        from hf_lars.integrations import deepspeed_patches
         from hf_lars.registry import create_optimizer
 
+        deepspeed_patches.install()  # called inside deepspeed.initialize, before the stage-0 wrapper is built
         return create_optimizer(params, self.name, **kwargs)
 
     def __repr__(self) -> str:
@@ -109,11 +112,17 @@ def register() -> tuple[str, ...]:
     """Make every hf_lars optimizer name usable as DeepSpeed's ``"optimizer": {"type": ...}``.
 
     Adds a factory per spelling to the ``torch.optim`` namespace (see the module docstring).  Idempotent;
-    never replaces an attribute ``torch.optim`` already has (a clash is logged and skipped).
+    never replaces an attribute ``torch.optim`` already has (a clash is logged and skipped).  If DeepSpeed is
+    already imported, also installs :mod:`hf_lars.integrations.deepspeed_patches` (the stage-0 zero-gradient
+    step at ``initialize`` becomes a state initialisation); the JSON factories install it when called.
 
     Returns:
         The spellings now registered.
     """
+    if "deepspeed" in sys.modules:  # importing DeepSpeed here would cost seconds for every Trainer user
+        from hf_lars.integrations import deepspeed_patches
+
+        deepspeed_patches.install()
     done = []
     for spelling, name in registered_names().items():
         current = getattr(torch.optim, spelling, None)

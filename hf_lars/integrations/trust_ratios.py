@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,10 +103,15 @@ def trust_ratio_values(optimizer: Any, *, gather: bool = False) -> dict[str, flo
 def summarize_trust_ratios(values: Mapping[str, float]) -> dict[str, float]:
     """``{"trust_ratio_min", "trust_ratio_median", "trust_ratio_max"}`` of per-layer ratios (empty if none).
 
-    The median of an even count is the mean of the two middle values.
+    The median of an even count is the mean of the two middle values.  If any ratio is not finite (a NaN
+    or infinite gradient or weight), all three are NaN and ``trust_ratio_nonfinite`` counts those layers: a
+    diverging layer must not hide behind healthy-looking statistics.
     """
     if not values:
         return {}
+    bad = sum(not math.isfinite(v) for v in values.values())
+    if bad:
+        return {**dict.fromkeys(STAT_KEYS, math.nan), "trust_ratio_nonfinite": float(bad)}
     ordered = sorted(values.values())
     n = len(ordered)
     median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])

@@ -52,7 +52,9 @@ class AdamLARS(TrustRatioOptimizer):
         \end{aligned}
 
     with norms per *layer*.  ``trust_clip`` caps :math:`\rho_t` at 1; ``trust_bounds=(lo, hi)`` clamps it.
-    Excluded layers (``exclude_1d`` or ``adapt=False``) take a plain Adam step (:math:`\rho=1, \lambda=0`).
+    Excluded layers (1-D under ``exclude_1d``; every layer of a group with ``excluded=True``) never take weight
+    decay (:math:`\lambda=0`); by default they take a plain Adam step (:math:`\rho=1`, LAMB's convention),
+    or the trust ratio with ``adapt_excluded=True``.
 
     Reference: Y. You et al., *Large Batch Optimization for Deep Learning: Training BERT in 76 minutes*,
     arXiv:1904.00962 (2019), Algorithm 2.
@@ -62,11 +64,13 @@ class AdamLARS(TrustRatioOptimizer):
         lr: learning rate :math:`\gamma` >= 0.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` >= 0.
-        weight_decay: :math:`\lambda` >= 0 (decoupled, inside the ratio; adapted layers only).
+        weight_decay: :math:`\lambda` >= 0 (decoupled, inside the ratio; never on excluded layers).
         bias_correction: divide the moments by :math:`1-\beta^t`.
         trust_clip: cap the ratio at 1.
         trust_bounds: ``None`` or ``(lo, hi)`` with ``0 < lo <= hi``.
-        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
+            plain Adam step at ``lr``; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
 
@@ -81,6 +85,7 @@ class AdamLARS(TrustRatioOptimizer):
         trust_clip: bool = False,
         trust_bounds: tuple[float, float] | None = None,
         exclude_1d: bool = True,
+        adapt_excluded: bool = False,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -93,6 +98,7 @@ class AdamLARS(TrustRatioOptimizer):
             trust_clip=trust_clip,
             trust_bounds=trust_bounds,
             exclude_1d=exclude_1d,
+            adapt_excluded=adapt_excluded,
             foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -104,12 +110,21 @@ class AdamLARS(TrustRatioOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_trust_bounds(group["trust_bounds"])
 
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"step", "exp_avg", "exp_avg_sq"})
+
     def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
             init_adam_state(self.state[p], p)
 
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         states = [self.state[p] for p in stepped]
         return adam_lars(
@@ -120,6 +135,7 @@ class AdamLARS(TrustRatioOptimizer):
             [s["step"] for s in states],
             layout,
             adapt,
+            decay,
             lr=group["lr"],
             beta1=group["betas"][0],
             beta2=group["betas"][1],
@@ -140,6 +156,7 @@ def adam_lars(
     steps: list[Tensor],
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     beta1: float,
@@ -168,6 +185,7 @@ def adam_lars(
             bc1,
             bc2,
             adapt,
+            decay,
             lr=lr,
             beta1=beta1,
             beta2=beta2,
@@ -196,6 +214,7 @@ def adam_lars(
     result = trust_ratio_step(
         layout,
         adapt,
+        decay,
         w,
         u,
         scale=-lr,
@@ -216,6 +235,7 @@ def _tensor_by_tensor_adam_lars(
     bc1: Tensor | None,
     bc2: Tensor | None,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     beta1: float,
@@ -233,7 +253,7 @@ def _tensor_by_tensor_adam_lars(
     """
     den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, None)
     ratios = []
-    for i, (wi, adapted) in enumerate(zip(w, adapt)):
+    for i, (wi, adapted, decayed) in enumerate(zip(w, adapt, decay)):
         u = adam_direction_piece(
             exp_avgs[i],
             exp_avg_sqs[i],
@@ -247,7 +267,7 @@ def _tensor_by_tensor_adam_lars(
         if not adapted:
             wi.add_(u, alpha=-lr)
             continue
-        if weight_decay != 0:
+        if weight_decay != 0 and decayed:
             u.add_(wi, alpha=weight_decay)
         norm = torch.linalg.vector_norm
         ratio = adam_trust_ratio(norm(wi, dtype=torch.float32), norm(u, dtype=torch.float32), trust_clip, trust_bounds)

@@ -2,8 +2,9 @@
 
 Param-group validation, the original layers of each group (so a sharding engine that swaps
 ``group["params"]`` for flat partitions can still be mapped back to layers), the per-step
-:class:`~hf_lars.layout.StepLayout` (asked of :func:`hf_lars.layout.resolve_layouts`), per-layer
-``exclude_1d`` decisions, the ``step()`` loop, and the last step's trust ratios.  The update rules
+:class:`~hf_lars.layout.StepLayout` (asked of :func:`hf_lars.layout.resolve_layouts`), the per-layer
+exclusion decisions (docs/design.md, "Exclusion: two decisions"), the ``step()`` loop, and the last
+step's trust ratios.  The update rules
 themselves are pure functions in each optimizer's module.
 """
 
@@ -22,10 +23,30 @@ from torch.optim import Optimizer
 from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
 from hf_lars.optim.working_copies import unscaled_gradients
 
-__all__ = ["TrustRatioOptimizer", "check_range", "default_foreach"]
+__all__ = ["TrustRatioOptimizer", "check_bool", "check_range", "default_foreach"]
 
 # Group keys every optimizer accepts besides its hyper-parameters.
 _STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr"})
+# Boolean hyper-parameters (whichever an optimizer has): a non-bool is rejected, since ``'no'`` or ``0``
+# would otherwise silently mean True or False.  ``foreach`` and ``fused`` also accept None (auto).
+_BOOL_KEYS = ("nesterov", "trust_clip", "use_gc", "bias_correction", "degenerated_to_sgd", "adapt_excluded",
+              "exclude_1d", "excluded")
+_OPTIONAL_BOOL_KEYS = ("foreach", "fused")
+_REMOVED_ADAPT = (
+    "The param group key 'adapt' was replaced by two decisions: mark a group's layers excluded with "
+    "'excluded': True (excluded layers never take weight decay), and choose whether excluded layers take the "
+    "trust ratio with 'adapt_excluded' (constructor argument or group key).  Old adapt=False: "
+    "{'excluded': True, 'adapt_excluded': False}; old adapt=True: {'exclude_1d': False} "
+    "(docs/design.md, 'Exclusion: two decisions')."
+)
+
+
+def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is a bool (or None if ``optional``)."""
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    allowed = "True, False or None" if optional else "True or False"
+    raise ValueError(f"Invalid {name} value: {value!r} (allowed: {allowed})")
 
 
 def check_range(
@@ -79,13 +100,17 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # ``optimizer.param_groups = [group]``, so a position in param_groups is not the group's index.
         self._group_index: dict[int, int] = {}
         self._layout_cache: dict[
-            tuple[int, tuple[int, ...]], tuple[list[weakref.ref[Tensor]], StepLayout, list[bool], bool]
+            tuple[int, tuple[int, ...]],
+            tuple[list[weakref.ref[Tensor]], StepLayout, list[bool], list[bool], bool],
         ] = {}
         # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
         # separate step() calls, each with its own layers.
         self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
-        defaults = {**defaults, "adapt": None}
-        self._validate_group(defaults)
+        defaults = {**defaults, "excluded": False}
+        # The hyper-parameters every saved group must hold (``defaults`` may gain keys later: wrappers such
+        # as Trainer's add torch's ``differentiable``, which old checkpoints lack).
+        self._hyperparameter_keys = frozenset(defaults)
+        self._validate_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------- groups
@@ -93,22 +118,37 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming any hyper-parameter of ``group`` outside its allowed range."""
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        unknown = sorted(set(param_group) - set(self.defaults) - _STRUCTURAL_KEYS)
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        """The checks every optimizer shares (the boolean switches), then the subclass's ranges."""
+        for key in _BOOL_KEYS:
+            if key in group:
+                check_bool(key, group[key])
+        for key in _OPTIONAL_BOOL_KEYS:
+            if key in group:
+                check_bool(key, group[key], optional=True)
+        self._validate_group(group)
+
+    def _check_group_keys(self, group: dict[str, Any]) -> None:
+        if "adapt" in group:
+            raise ValueError(_REMOVED_ADAPT)
+        unknown = sorted(set(group) - set(self.defaults) - _STRUCTURAL_KEYS)
         if unknown:
             valid = ", ".join(sorted(set(self.defaults) - {"foreach"}) + ["foreach"])
             raise ValueError(
                 f"Unknown param group key(s) for {type(self).__name__}: {', '.join(unknown)}. Valid keys: {valid}"
             )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group, then add it; a rejected group leaves the optimizer exactly as it was."""
+        self._check_group_keys(param_group)
+        self._validate_hyperparameters({**self.defaults, **param_group})
+        count = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
-        adapt = group["adapt"]
-        if adapt is not None and not isinstance(adapt, bool):
-            raise ValueError(f"Invalid adapt value: {adapt!r} (allowed: None, True or False)")
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        complex_params = [p for p in group["params"] if p.is_complex()]
+        if complex_params:
+            del self.param_groups[count:]  # torch appended it: take it back so the optimizer stays usable
+            raise ValueError(f"{type(self).__name__} does not support complex parameters")
         self._layer_refs.append([weakref.ref(p) for p in group["params"]])
         self._layer_specs.append([(p.shape, p.dtype) for p in group["params"]])
         self._group_index[id(group)] = len(self._layer_refs) - 1
@@ -162,38 +202,101 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
     # -------------------------------------------------------------------------------------- layouts
     def _step_layout(
         self, group: dict[str, Any], group_index: int, stepped: list[Tensor]
-    ) -> tuple[StepLayout, list[bool], bool]:
-        """The layout of this step's tensors, whether each piece is adapted, and whether to join a collective.
+    ) -> tuple[StepLayout, list[bool], list[bool], bool]:
+        """The layout of this step's tensors, per piece whether it is adapted and whether it decays, and
+        whether to join a collective.
 
         The last item is true when the norms are reduced over a process group and the group has adapted
         layers: then every rank must take part in the all-reduce, even one that holds no adapted piece (its
-        partition may hold only 1-D layers or padding).  Built once per set of stepped tensors and cached
-        (ZeRO-3 steps several sub-group tensors in turn, so the cache holds one entry per tensor set).
+        partition may hold only excluded layers or padding).  Built once per set of stepped tensors and
+        cached (ZeRO-3 steps several sub-group tensors in turn, so the cache holds one entry per tensor set).
+        The decisions use each layer's real shape (``resolve_layouts`` returns ZeRO-3's ``ds_shape``, not the
+        empty placeholder that reports ``ndim == 1``).
         """
         key = (group_index, tuple(id(t) for t in stepped))
         cached = self._layout_cache.get(key)
         if cached is not None and all(a() is b for a, b in zip(cached[0], stepped)):  # ids can be reused
-            return cached[1], cached[2], cached[3]
+            return cached[1], cached[2], cached[3], cached[4]
         layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
         layout = StepLayout(
             layouts, num_layers=len(layers), device=stepped[0].device, layer_shapes=shapes
         )  # device: a DTensor's is its shard's
-        adapt_piece = [self._adapt(group, shapes[layer]) for layer in layout.piece_layer]
-        join = layout.process_group is not None and any(self._adapt(group, shape) for shape in shapes)
-        self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, join)
-        return layout, adapt_piece, join
+        roles = [self._layer_roles(group, shape) for shape in shapes]
+        adapt_piece = [roles[layer][0] for layer in layout.piece_layer]
+        decay_piece = [roles[layer][1] for layer in layout.piece_layer]
+        join = layout.process_group is not None and any(adapted for adapted, _ in roles)
+        self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, decay_piece, join)
+        return layout, adapt_piece, decay_piece, join
 
     @staticmethod
-    def _adapt(group: dict[str, Any], shape: torch.Size) -> bool:
-        if group["adapt"] is not None:
-            return group["adapt"]
-        return len(shape) > 1 if group["exclude_1d"] else True
+    def _layer_roles(group: dict[str, Any], shape: torch.Size) -> tuple[bool, bool]:
+        """``(adapted, decayed)`` for a layer of ``shape`` in ``group``: exclusion is two decisions.
+
+        A layer is *excluded* when it is 1-D or 0-D (by its real shape) under ``exclude_1d``, or when its
+        group says ``excluded=True`` (the no-decay group of Trainer's split).  Excluded layers never take
+        weight decay; they take the trust ratio only if ``adapt_excluded``.  Other layers take both.
+        """
+        excluded = group["excluded"] or (group["exclude_1d"] and len(shape) <= 1)
+        if not excluded:
+            return True, True
+        return group["adapt_excluded"], False
 
     def _invalidate_layouts(self) -> None:
         self._layout_cache.clear()
 
+    @torch.no_grad()
+    def initialize_state(self) -> None:
+        """Create every parameter's state as before a first step, without stepping or counting a step.
+
+        For wrappers that build optimizer state eagerly: DeepSpeed's stage-0 fp16/bf16 wrapper calls
+        ``step()`` once with zero gradients at ``initialize`` for that purpose, which for a decoupled-decay
+        rule would shrink the weights and count step 1; hf_lars routes that call here
+        (:mod:`hf_lars.integrations.deepspeed`).
+        """
+        for group in self.param_groups:
+            self._init_state(group, list(group["params"]))
+
+    @abc.abstractmethod
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        """The state keys every stepped parameter of ``group`` holds (checked by :meth:`load_state_dict`)."""
+
+    def _validate_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Reject, before anything is loaded, state that the next ``step()`` could not use.
+
+        State saved by another optimizer class, or with keys missing, would otherwise fail with a bare
+        ``KeyError`` at the next step; hyper-parameters are range-checked like the constructor's.
+        """
+        name = type(self).__name__
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        for i, saved in enumerate(groups):
+            if "adapt" in saved:
+                raise ValueError(f"{name}.load_state_dict: param group {i}: {_REMOVED_ADAPT}")
+            missing = sorted(self._hyperparameter_keys - set(saved))
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {i} lacks the hyper-parameter(s) {', '.join(missing)}: "
+                    f"the state dict was saved by another optimizer (its keys: {', '.join(sorted(saved))})"
+                )
+            self._validate_hyperparameters(saved)
+            required = self._state_keys(saved)
+            for pid in saved.get("params", []):
+                state = state_dict["state"].get(pid)
+                if not state:  # never stepped: nothing to check
+                    continue
+                absent = sorted(required - set(state))
+                if absent:
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state of parameter {pid} (group {i}) lacks {', '.join(absent)} "
+                        f"(it has {', '.join(sorted(state))}); it was saved by another optimizer or converted "
+                        "lossily (e.g. a universal checkpoint that kept only Adam's moments)"
+                    )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` after :meth:`_validate_state_dict`; floating state stays fp32."""
+        self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._group_index = {id(group): i for i, group in enumerate(self.param_groups)}  # torch made new dicts
         # torch casts floating-point state to each parameter's dtype (bf16 moments for bf16 parameters, which
@@ -213,12 +316,19 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
 
     @abc.abstractmethod
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         """Step the group's ``stepped`` tensors (state exists: :meth:`_init_state`) with the rule's functional form.
 
-        ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio, and
-        ``foreach`` picks the implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
+        ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio,
+        ``decay`` whether it takes weight decay (only adapted pieces do), and ``foreach`` picks the
+        implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
         rank holds, or ``None`` when it holds none; :meth:`step` records them for :meth:`trust_ratios`.
         """
 
@@ -280,7 +390,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
                 stepped.append(p)
             if not stepped:
                 continue
-            layout, adapt, join = self._step_layout(group, group_index, stepped)
+            layout, adapt, decay, join = self._step_layout(group, group_index, stepped)
             self._prepare_group(group, stepped, layout)
             if join and not any(adapt):
                 # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
@@ -291,7 +401,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             self._init_state(group, stepped)
             saved = _save_for_skip(stepped, self.state, layout) if found_inf is not None else None
             with unscaled_gradients(grad_scale):
-                ratios = self._step_group(group, stepped, layout, adapt, foreach)
+                ratios = self._step_group(group, stepped, layout, adapt, decay, foreach)
             if saved is not None:
                 _restore_if(found_inf, saved)
             if ratios is not None:

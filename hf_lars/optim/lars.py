@@ -29,8 +29,10 @@ class LARS(TrustRatioOptimizer):
         \end{aligned}
 
     with norms taken per *layer* (one original parameter).  ``trust_clip`` (LARC) caps :math:`\rho_t` at 1.
-    Excluded layers (``exclude_1d``: biases and norm scales; or a group with ``adapt=False``) take a
-    plain SGD-momentum step: :math:`\rho_t = 1`, :math:`\lambda = 0`.
+    Excluded layers (1-D under ``exclude_1d``: biases and norm scales; every layer of a group with
+    ``excluded=True``) never take weight decay (:math:`\lambda = 0`).  By default LARS still adapts them, as
+    Algorithm 1 adapts every layer (``adapt_excluded=True``): otherwise they would take plain SGD momentum at
+    LARS's large global learning rate.  ``adapt_excluded=False`` gives them :math:`\rho_t = 1`.
 
     Reference: Y. You, I. Gitman, B. Ginsburg, *Large Batch Training of Convolutional Networks*,
     arXiv:1708.03888 (2017), Algorithm 1.
@@ -39,12 +41,13 @@ class LARS(TrustRatioOptimizer):
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group dicts.
         lr: learning rate :math:`\gamma`.
         momentum: :math:`\mu` in [0, 1).
-        weight_decay: :math:`\lambda` >= 0 (applied only to adapted layers).
+        weight_decay: :math:`\lambda` >= 0 (never applied to excluded layers).
         trust_coefficient: :math:`\eta` > 0.
         eps: :math:`\epsilon` >= 0 in the ratio's denominator.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         trust_clip: cap the ratio at 1 (LARC).
-        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        adapt_excluded: excluded layers take the trust ratio (default True for LARS; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
 
@@ -59,6 +62,7 @@ class LARS(TrustRatioOptimizer):
         nesterov: bool = False,
         trust_clip: bool = False,
         exclude_1d: bool = True,
+        adapt_excluded: bool = True,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -71,6 +75,7 @@ class LARS(TrustRatioOptimizer):
             nesterov=nesterov,
             trust_clip=trust_clip,
             exclude_1d=exclude_1d,
+            adapt_excluded=adapt_excluded,
             foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -84,6 +89,9 @@ class LARS(TrustRatioOptimizer):
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"momentum_buffer"}) if group["momentum"] > 0 else frozenset()
+
     def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
             state = self.state[p]
@@ -91,7 +99,13 @@ class LARS(TrustRatioOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
 
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         bufs: list[Tensor | None] = [self.state[p].get("momentum_buffer") for p in stepped]
         return lars(
@@ -100,6 +114,7 @@ class LARS(TrustRatioOptimizer):
             bufs,
             layout,
             adapt,
+            decay,
             lr=group["lr"],
             momentum=group["momentum"],
             weight_decay=group["weight_decay"],
@@ -117,6 +132,7 @@ def lars(
     momentum_buffers: list[Tensor | None],
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     momentum: float,
@@ -127,7 +143,11 @@ def lars(
     trust_clip: bool,
     foreach: bool,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers."""
+    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers.
+
+    ``adapt`` and ``decay`` say per piece whether it takes the trust ratio and weight decay (a decayed piece
+    is always adapted).
+    """
     work = StepTensors(params, grads, layout)
     w, g = work.pieces(work.weights), work.pieces(work.grads)
     bufs = work.state_pieces(momentum_buffers) if momentum > 0 else [None] * len(w)
@@ -136,9 +156,12 @@ def lars(
     impl = _multi_tensor_lars if foreach else _single_tensor_lars
     ratios = None
     if len(adapted):
-        ratios = impl(adapted, w, g, bufs, lr, momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip)
+        decays = adapted.take(decay)
+        ratios = impl(
+            adapted, w, g, bufs, lr, momentum, weight_decay, decays, trust_coefficient, eps, nesterov, trust_clip
+        )
     if len(plain):
-        impl(plain, w, g, bufs, lr, momentum, 0.0, None, eps, nesterov, trust_clip)
+        impl(plain, w, g, bufs, lr, momentum, 0.0, [False] * len(plain), None, eps, nesterov, trust_clip)
     work.write_back()
     return None if ratios is None else (adapted.layers, ratios)
 
@@ -151,19 +174,23 @@ def _single_tensor_lars(
     lr: float,
     momentum: float,
     weight_decay: float,
+    decays: list[bool],
     trust_coefficient: float | None,
     eps: float,
     nesterov: bool,
     trust_clip: bool,
 ) -> Tensor | None:
-    """The readable reference: one piece at a time.  ``trust_coefficient=None``: no trust ratio."""
+    """The readable reference: one piece at a time.  ``trust_coefficient=None``: no trust ratio.
+
+    ``decays[i]``: piece i takes weight decay (excluded layers do not).
+    """
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
     rho = None
     if trust_coefficient is not None:
         norms = sub.norms(ws, gs, foreach=False)
-        rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
+        rho = _ratios(sub, norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
     for i, (w, g, buf) in enumerate(zip(ws, gs, bufs)):
-        d = g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+        d = g.add(w, alpha=weight_decay) if weight_decay != 0 and decays[i] else g
         if buf is not None and not nesterov:
             # buf = momentum * buf + rho * d without materialising rho * d (one pass and one temporary fewer)
             buf.mul_(momentum)
@@ -194,6 +221,7 @@ def _multi_tensor_lars(
     lr: float,
     momentum: float,
     weight_decay: float,
+    decays: list[bool],
     trust_coefficient: float | None,
     eps: float,
     nesterov: bool,
@@ -203,8 +231,12 @@ def _multi_tensor_lars(
     rho = None
     if trust_coefficient is not None:
         norms = sub.norms(ws, gs, foreach=True)
-        rho = lars_trust_ratio(norms[0], norms[1], trust_coefficient, weight_decay, eps, trust_clip)
-    d = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else gs
+        rho = _ratios(sub, norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
+    d = list(gs)
+    if weight_decay != 0 and any(decays):
+        idx = [i for i, dec in enumerate(decays) if dec]
+        for i, di in zip(idx, torch._foreach_add([gs[i] for i in idx], [ws[i] for i in idx], alpha=weight_decay)):
+            d[i] = di
     # Per-layer ratios broadcast once over the pieces (expand_scalars): every op below stays on CUDA's
     # multi-tensor fast path, one kernel each instead of one per tensor.
     rho_full = None if rho is None else expand_scalars(rho, d)
@@ -228,3 +260,24 @@ def _multi_tensor_lars(
     else:
         torch._foreach_add_(ws, bufs, alpha=-lr)
     return rho
+
+
+def _ratios(
+    sub: PieceSubset,
+    norms: Tensor,
+    decays: list[bool],
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: bool,
+) -> Tensor:
+    """Per-piece LARS ratios from ``norms`` (``[2, n]``: weights, gradients); wd enters only decayed pieces.
+
+    A group that mixes decayed and excluded-but-adapted pieces (LARS's default: biases adapted, not decayed)
+    takes one per-piece weight-decay vector, made once per subset: one ratio computation either way.
+    """
+    if weight_decay == 0 or all(decays) or not any(decays):
+        wd: float | Tensor = weight_decay if any(decays) else 0.0
+    else:
+        wd = sub.constant([weight_decay if dec else 0.0 for dec in decays], norms.device)
+    return lars_trust_ratio(norms[0], norms[1], trust_coefficient, wd, eps, trust_clip)

@@ -63,14 +63,16 @@ class RangerLARS(TrustRatioOptimizer):
         lr: learning rate :math:`\gamma` >= 0.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` >= 0.
-        weight_decay: :math:`\lambda` >= 0 (adapted layers only).
+        weight_decay: :math:`\lambda` >= 0 (never on excluded layers).
         use_gc: Gradient Centralization for tensors with ndim > 1.
         k: Lookahead synchronization period (>= 1).
         alpha: Lookahead slow-weight step in (0, 1].
         rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
         degenerated_to_sgd: while unrectified, step ``w -= lr * m^`` (no trust ratio, no weight decay)
             instead of not stepping.
-        exclude_1d: 1-D layers get neither trust ratio nor weight decay.
+        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
+            plain RAdam step at ``lr``; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
     """
 
@@ -87,6 +89,7 @@ class RangerLARS(TrustRatioOptimizer):
         rectify_threshold: float = 5.0,
         exclude_1d: bool = True,
         degenerated_to_sgd: bool = False,
+        adapt_excluded: bool = False,
         *,
         foreach: bool | None = None,
     ) -> None:
@@ -101,6 +104,7 @@ class RangerLARS(TrustRatioOptimizer):
             rectify_threshold=rectify_threshold,
             exclude_1d=exclude_1d,
             degenerated_to_sgd=degenerated_to_sgd,
+            adapt_excluded=adapt_excluded,
             foreach=foreach,
         )
         # The centred gradients of a ZeRO step, from _prepare_group to _step_group (one group at a time).
@@ -134,6 +138,9 @@ class RangerLARS(TrustRatioOptimizer):
         grads = [g if g.dtype == torch.float32 else g.float() for g in layout.local([p.grad for p in stepped])]
         self._centred_grads = layout.row_centring().centre(grads, centralize_gradient)
 
+    def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"step", "exp_avg", "exp_avg_sq", "slow_buffer"})
+
     def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
             state = self.state[p]
@@ -142,7 +149,13 @@ class RangerLARS(TrustRatioOptimizer):
                 state["slow_buffer"] = p.detach().to(torch.float32, copy=True)
 
     def _step_group(
-        self, group: dict[str, Any], stepped: list[Tensor], layout: StepLayout, adapt: list[bool], foreach: bool
+        self,
+        group: dict[str, Any],
+        stepped: list[Tensor],
+        layout: StepLayout,
+        adapt: list[bool],
+        decay: list[bool],
+        foreach: bool,
     ) -> tuple[list[int], Tensor] | None:
         states = [self.state[p] for p in stepped]
         centred, self._centred_grads = self._centred_grads, None
@@ -155,6 +168,7 @@ class RangerLARS(TrustRatioOptimizer):
             [s["step"] for s in states],
             layout,
             adapt,
+            decay,
             lr=group["lr"],
             beta1=group["betas"][0],
             beta2=group["betas"][1],
@@ -205,6 +219,7 @@ def ranger_lars(
     steps: list[Tensor],
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     *,
     lr: float,
     beta1: float,
@@ -261,6 +276,7 @@ def ranger_lars(
             fallback,
             sync,
             adapt,
+            decay,
             beta1=beta1,
             beta2=beta2,
             eps=eps,
@@ -286,7 +302,7 @@ def ranger_lars(
         )
     )
     result = trust_ratio_step(
-        layout, adapt, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
+        layout, adapt, decay, w, u, scale=scale, weight_decay=weight_decay, foreach=foreach
     )
     if fallback is not None:
         apply_update(w, work.state_pieces(exp_avgs), fallback, foreach)
@@ -317,6 +333,7 @@ def _tensor_by_tensor_ranger_lars(
     fallback: Tensor | None,
     sync: Tensor,
     adapt: list[bool],
+    decay: list[bool],
     *,
     beta1: float,
     beta2: float,
@@ -333,7 +350,7 @@ def _tensor_by_tensor_ranger_lars(
     """
     den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, rectified)
     ratios = []
-    for i, (wi, gi, adapted) in enumerate(zip(w, g, adapt)):
+    for i, (wi, gi, adapted, decayed) in enumerate(zip(w, g, adapt, decay)):
         centred = centralize_gradient(gi) if centre[i] else None
         u = adam_direction_piece(
             exp_avgs[i],
@@ -347,7 +364,7 @@ def _tensor_by_tensor_ranger_lars(
             scratch=centred,  # the direction reuses the centred gradient's memory: one temporary, not two
         )
         if adapted:
-            if weight_decay != 0:
+            if weight_decay != 0 and decayed:
                 u.add_(wi, alpha=weight_decay)
             norm = torch.linalg.vector_norm
             ratio = adam_trust_ratio(norm(wi, dtype=torch.float32), norm(u, dtype=torch.float32))

@@ -16,20 +16,33 @@ __all__ = ["lars_trust_ratio", "adam_trust_ratio", "trust_ratio_step", "apply_up
 
 
 def _safe_ratio(num: Tensor, den: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
-    """``num / den`` where both norms are positive, else 1 (never NaN, never a frozen layer)."""
-    ok = (w_norm > 0) & (other_norm > 0)
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num))
+    """``num / den``; 1 where a norm is exactly 0 (never a frozen layer); NaN where a norm is not finite.
+
+    A NaN or infinite norm must not read as a healthy ratio (a NaN compares false, so a ``> 0`` guard
+    would turn it into 1): it yields NaN, which the trust-ratio log shows and the update propagates, as
+    torch's optimizers propagate a NaN gradient.  Elementwise tensor ops only: no host synchronization.
+    Eight small kernels on per-layer vectors (they count on CUDA, where a step is launch-bound):
+    ``w * o == 0`` is "a norm is 0" for finite norms (a non-finite product is NaN, never 0), and
+    ``s - s == 0`` is "``s = w + o`` is finite" (``inf - inf`` and NaN give NaN).
+    """
+    ratio = (num / den).masked_fill_(w_norm * other_norm == 0, 1.0)
+    total = w_norm + other_norm
+    return ratio.masked_fill_(total - total != 0, float("nan"))
 
 
 def lars_trust_ratio(
     w_norm: Tensor,
     g_norm: Tensor,
     trust_coefficient: float,
-    weight_decay: float,
+    weight_decay: float | Tensor,
     eps: float,
     trust_clip: bool = False,
 ) -> Tensor:
     """LARS (You et al. 2017, Algorithm 1): ``eta * ||w|| / (||g|| + wd * ||w|| + eps)``; 1 if a norm is 0.
+
+    ``weight_decay`` is one number or a tensor with one value per layer (0 where a layer is excluded).
+
+    ``weight_decay`` is 0 for excluded layers, which never take weight decay; NaN if a norm is not finite.
 
     ``trust_clip`` (LARC) caps the ratio at 1 so the effective rate ``lr * ratio`` never exceeds ``lr``.
     """
@@ -43,7 +56,8 @@ def adam_trust_ratio(
     trust_clip: bool = False,
     trust_bounds: tuple[float, float] | None = None,
 ) -> Tensor:
-    """LAMB (You et al. 2019): ``||w|| / ||u||``; 1 if a norm is 0; optionally clipped / clamped."""
+    """LAMB (You et al. 2019): ``||w|| / ||u||``; 1 if a norm is 0, NaN if one is not finite; optionally
+    clipped / clamped (clamping keeps a NaN)."""
     ratio = _safe_ratio(w_norm, u_norm, w_norm, u_norm)
     if trust_clip:
         ratio = ratio.clamp(max=1.0)
@@ -70,6 +84,7 @@ def apply_update(weights: list[Tensor], updates: list[Tensor], scale: Tensor | f
 def trust_ratio_step(
     layout: StepLayout,
     adapt: list[bool],
+    decay: list[bool],
     weights: list[Tensor],
     directions: list[Tensor],
     *,
@@ -81,8 +96,10 @@ def trust_ratio_step(
 ) -> tuple[list[int], Tensor] | None:
     r"""The LAMB-form update shared by AdamLARS and RangerLARS, per piece.
 
-    Adapted pieces: :math:`u = r + \lambda w`, :math:`\phi = \|w\|/\|u\|` per layer (one collective under
-    sharding), :math:`w \mathrel{+}= \text{scale}\cdot\phi\, u`; the others: :math:`w \mathrel{+}= \text{scale}\cdot r`.
+    Adapted pieces: :math:`u = r + \lambda w` (:math:`\lambda = 0` for excluded layers, ``decay`` False),
+    :math:`\phi = \|w\|/\|u\|` per layer (one collective under sharding),
+    :math:`w \mathrel{+}= \text{scale}\cdot\phi\, u`; the others (excluded, not adapted):
+    :math:`w \mathrel{+}= \text{scale}\cdot r`.  Only adapted pieces decay.
     ``scale`` is ``-lr`` or a per-piece tensor (RangerLARS's ``-lr * s``).  Returns the adapted layers' ids and
     ratios, or ``None`` when this rank holds no adapted piece.
     """
@@ -91,11 +108,13 @@ def trust_ratio_step(
     result = None
     if len(adapted):
         w_a, u_a = adapted.take(weights), adapted.take(directions)
-        if weight_decay != 0:
+        decayed = layout.select(decay)
+        if weight_decay != 0 and len(decayed):
+            w_d, u_d = decayed.take(weights), decayed.take(directions)
             if foreach:
-                torch._foreach_add_(u_a, w_a, alpha=weight_decay)
+                torch._foreach_add_(u_d, w_d, alpha=weight_decay)
             else:
-                for ui, wi in zip(u_a, w_a):
+                for ui, wi in zip(u_d, w_d):
                     ui.add_(wi, alpha=weight_decay)
         norms = adapted.norms(w_a, u_a, foreach=foreach)
         ratio = adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)

@@ -102,6 +102,7 @@ def run(
     if init is not None:
         model.load_state_dict(init, strict=False)
     initial = full_weights(model)
+    placeholder_1d = all(p.ndim == 1 for p in model.parameters())  # zero.Init: every parameter looks 1-D
     trainer = Trainer(model=model, args=args, train_dataset=TokenBlocks(64, seed=0))
     start = time.perf_counter()
     trainer.train()
@@ -109,6 +110,14 @@ def run(
     wrapped = trainer.model_wrapped
     inner = getattr(wrapped, "optimizer", None)
     basic = getattr(wrapped, "basic_optimizer", None)
+    from hf_lars.integrations.callbacks import trust_ratio_values
+
+    ours = basic if basic is not None else trainer.optimizer.optimizer
+    ratio_layers = sorted(trust_ratio_values(ours, gather=True))  # a collective: every rank calls run()
+    groups = [
+        {"names": sorted(g.get("param_names", [])), "excluded": g.get("excluded"), "weight_decay": g["weight_decay"]}
+        for g in ours.param_groups
+    ]
     result = {
         "world_size": args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type),
@@ -124,9 +133,13 @@ def run(
         "grad_norms": [r.get("grad_norm") for r in rows],
         "learning_rates": [r.get("learning_rate") for r in rows],
         "trust_ratio_max": [r.get("trust_ratio_max") for r in rows],
+        "ratio_layers": ratio_layers,
+        "groups": groups,
+        "placeholder_1d": placeholder_1d,
         "train_s": round(time.perf_counter() - start, 2),
     }
     final = full_weights(trainer.model)
+    result["two_d_layers"] = sorted(n for n, w in final.items() if w.ndim > 1)
     if hasattr(wrapped, "destroy"):
         wrapped.destroy()
     return result, initial, final

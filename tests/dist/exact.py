@@ -100,7 +100,7 @@ class StepCounter:
 
         opt = self.optimizer
         layers = opt._layers[opt._group_index[id(group)]]
-        return any(opt._adapt(group, layer_shape(p)) for p in layers)
+        return any(opt._layer_roles(group, layer_shape(p))[0] for p in layers)
 
 
 def make_optimizer(opt_name: str, model: nn.Module, split: bool, **overrides: Any) -> torch.optim.Optimizer:

@@ -11,6 +11,9 @@ Cases (results by name in the JSON):
   ``"type": "AdamLARS"``: 2 processes, the engine steps hf_lars's AdamLARS.
 * ``accelerate_client_offload``: Accelerate with an hf_lars client optimizer and ``zero2_offload.json``:
   the optimizer is not swapped for DeepSpeedCPUAdam.
+* ``stage0_<route>``: stage 0 + bf16 (DeepSpeed's ``FP16_UnfusedOptimizer``), AdamLARS as a client
+  optimizer or by config ``"type"``: ``initialize`` counts no step and leaves the weights as they were
+  (``deepspeed_patches``); ``stage0_unpatched`` is the control with DeepSpeed's own method.
 """
 
 from __future__ import annotations
@@ -73,6 +76,50 @@ def config_type_case(stage: int, rank: int, world: int) -> dict[str, Any]:
     engine.destroy()
     diff = max((from_config[n] - from_client[n]).abs().max().item() for n in from_config)
     return {"built": built, "max_abs_diff_vs_client": diff}
+
+
+def stage0_case(route: str, rank: int) -> dict[str, Any]:
+    """Stage 0 + bf16: what ``deepspeed.initialize`` does to AdamLARS's state and weights, and one step."""
+    import deepspeed
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from hf_lars.integrations import deepspeed_patches
+
+    hf_ds.register()  # DeepSpeed is imported: this installs the patch
+    patched = FP16_UnfusedOptimizer.initialize_optimizer_states
+    if route == "unpatched":
+        FP16_UnfusedOptimizer.initialize_optimizer_states = patched._hf_lars_original
+    try:
+        cfg = C.ds_config(0, bf16=True)
+        model = C.make_model()
+        # The engine casts the model to bf16: compare with the bf16-rounded initial weights.
+        before = {n: p.detach().to(torch.bfloat16).float() for n, p in model.named_parameters()}
+        if route == "config_type":
+            cfg["optimizer"] = {"type": "AdamLARS", "params": {"lr": 0.05, "weight_decay": 0.1}}
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+        else:
+            client = AdamLARS(list(model.parameters()), lr=0.05, weight_decay=0.1)
+            engine = C.deepspeed_engine(model, client, cfg)
+        opt = engine.basic_optimizer
+        steps = sorted({float(s["step"]) for s in opt.state.values()})
+        # The fp32 master weights (what the optimizer steps; copied to the bf16 model at the next step).
+        masters = [p for group in engine.optimizer.fp32_groups for p in group]
+        unchanged = len(masters) == len(before) and all(torch.equal(b, m) for b, m in zip(before.values(), masters))
+        out = {
+            "wrapper": type(engine.optimizer).__name__,
+            "steps_after_initialize": steps,
+            "weights_unchanged": unchanged,
+            "patch_installed": deepspeed_patches.installed(),
+        }
+        x, y = C.local_slice(C.global_batches(1, 2)[0], rank)
+        loss = C.loss_fn(engine(x.to(torch.bfloat16)), y.to(torch.bfloat16))
+        engine.backward(loss)
+        engine.step()
+        out["steps_after_one_step"] = sorted({float(s["step"]) for s in opt.state.values()})
+        engine.destroy()
+        return out
+    finally:
+        FP16_UnfusedOptimizer.initialize_optimizer_states = patched
 
 
 def misspelt_case() -> dict[str, Any]:
@@ -183,6 +230,8 @@ def main() -> None:
     for name in ("zero2_offload", "zero3_offload"):
         shipped = fill_auto(json.loads((C.REPO / "ds_configs" / f"{name}.json").read_text()), world)
         results[f"offload_{name}"] = offload_case(shipped, rank, world)
+    for route in ("client", "config_type", "unpatched"):
+        results[f"stage0_{route}"] = stage0_case(route, rank)
     C.write(args.out, results)
     results["accelerate"] = accelerate_cases(rank, world)
     C.write(args.out, results)

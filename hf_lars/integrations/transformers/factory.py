@@ -90,14 +90,15 @@ def create_trainer_optimizer(trainer: Any, model: nn.Module | None = None) -> to
     groups = trainer_param_groups(
         opt_model, trainer.get_decay_parameter_names(opt_model), kwargs.get("weight_decay", trainer.args.weight_decay)
     )
-    counts = [(len(g["params"]), "adapt" in g) for g in groups]
+    counts = [(len(g["params"]), bool(g.get("excluded"))) for g in groups]
     trainer.optimizer = cls(groups, **kwargs)
     logger.info(
-        "created %s (%s) with %d decay / %d no-decay (not adapted) tensors",
+        "created %s (%s) with %d decay / %d no-decay (excluded, adapt_excluded=%s) tensors",
         cls.__name__,
         hf_lars_optim_name(trainer.args.optim),
         sum(n for n, no_decay in counts if not no_decay),
         sum(n for n, no_decay in counts if no_decay),
+        trainer.optimizer.defaults.get("adapt_excluded"),
     )
     attach_trust_ratio_callback(trainer)
     return trainer.optimizer
