@@ -210,7 +210,7 @@ class PieceSubset:
         """
         if not self.idx:
             partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=_collective_device(self.layout))
-            return partial if self.layout.process_group is None else self._reduce(partial)
+            return partial if self.layout.process_group is None else self._reduce(partial)  # zeros: squares too
         if foreach:
             partial = torch.stack([torch.stack(torch._foreach_norm(list(pl), 2, dtype=torch.float32)) for pl in piece_lists])
         else:
@@ -219,15 +219,26 @@ class PieceSubset:
             )
         if self.layout.trivial and self.layout.process_group is None:
             return partial
-        return self._reduce(partial)
+        return self._reduce(partial.square())
 
-    def _reduce(self, partial: Tensor) -> Tensor:
-        device = partial.device
+    def norms_from_squares(self, squares: Tensor) -> Tensor:
+        """Global per-layer norms from precomputed local sums of squares, shape ``[number of norms, len(self)]``.
+
+        The same reduction as :meth:`norms` (one all-reduce under sharding) for callers that compute the
+        partial sums themselves, e.g. fused into a pass that also writes other tensors (``optim/fused.py``).
+        A rank holding no piece of this subset passes a ``[number of norms, 0]`` tensor and still joins.
+        """
+        if self.layout.trivial and self.layout.process_group is None:
+            return squares.sqrt()
+        return self._reduce(squares)
+
+    def _reduce(self, squares: Tensor) -> Tensor:
+        device = squares.device
         layers = self._layer_index.get(device)
         if layers is None:  # built once per layout: no host-to-device copy on later steps
             layers = self._layer_index[device] = torch.tensor(self.layers, dtype=torch.long, device=device)
-        sums = torch.zeros(partial.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
-        sums.index_add_(1, layers, partial.square())
+        sums = torch.zeros(squares.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
+        sums.index_add_(1, layers, squares)
         group = self.layout.process_group
         if group is not None:
             import torch.distributed as dist

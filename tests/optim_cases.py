@@ -120,6 +120,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             trust_clip=False,
             exclude_1d=True,
             foreach=None,
+            fused=None,
         ),
         required={"lr": 0.1},
         inputs=(
@@ -173,6 +174,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             trust_bounds=None,
             exclude_1d=True,
             foreach=None,
+            fused=None,
         ),
         required={},
         inputs=(
@@ -218,6 +220,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             rectify_threshold=5.0,
             exclude_1d=True,
             foreach=None,
+            fused=None,
         ),
         required={},
         inputs=(

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.fused import check_fused, fused_adam_lars
 from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
@@ -68,6 +69,8 @@ class AdamLARS(TrustRatioOptimizer):
         trust_bounds: ``None`` or ``(lo, hi)`` with ``0 < lo <= hi``.
         exclude_1d: 1-D layers get neither trust ratio nor weight decay.
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class AdamLARS(TrustRatioOptimizer):
         exclude_1d: bool = True,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -94,10 +98,12 @@ class AdamLARS(TrustRatioOptimizer):
             trust_bounds=trust_bounds,
             exclude_1d=exclude_1d,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
@@ -127,6 +133,7 @@ class AdamLARS(TrustRatioOptimizer):
             trust_clip=group["trust_clip"],
             trust_bounds=group["trust_bounds"],
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -148,8 +155,18 @@ def adam_lars(
     trust_clip: bool,
     trust_bounds: tuple[float, float] | None,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
+
+    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_adam_lars` (same result).
+    """
+    if fused:
+        return fused_adam_lars(
+            params, grads, exp_avgs, exp_avg_sqs, steps, layout, adapt, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, bias_correction=bias_correction, trust_clip=trust_clip,
+            trust_bounds=trust_bounds,
+        )
     work = StepTensors(params, grads, layout)
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)

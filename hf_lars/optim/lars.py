@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hf_lars.layout import PieceSubset, StepLayout
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.fused import check_fused, fused_lars
 from hf_lars.optim.trust import lars_trust_ratio
 from hf_lars.optim.working_copies import StepTensors
 
@@ -46,6 +47,8 @@ class LARS(TrustRatioOptimizer):
         trust_clip: cap the ratio at 1 (LARC).
         exclude_1d: 1-D layers get neither trust ratio nor weight decay.
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class LARS(TrustRatioOptimizer):
         exclude_1d: bool = True,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -72,10 +76,12 @@ class LARS(TrustRatioOptimizer):
             trust_clip=trust_clip,
             exclude_1d=exclude_1d,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
@@ -107,6 +113,7 @@ class LARS(TrustRatioOptimizer):
             nesterov=group["nesterov"],
             trust_clip=group["trust_clip"],
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -125,8 +132,17 @@ def lars(
     nesterov: bool,
     trust_clip: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers."""
+    """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers.
+
+    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_lars` (same result).
+    """
+    if fused:
+        return fused_lars(
+            params, grads, momentum_buffers, layout, adapt, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, trust_clip=trust_clip,
+        )
     work = StepTensors(params, grads, layout)
     w, g = work.pieces(work.weights), work.pieces(work.grads)
     bufs = work.state_pieces(momentum_buffers) if momentum > 0 else [None] * len(w)

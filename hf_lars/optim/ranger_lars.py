@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout, install_grad_centralization_hooks
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.fused import check_fused, fused_ranger_lars
 from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
@@ -61,6 +62,8 @@ class RangerLARS(TrustRatioOptimizer):
         rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
         exclude_1d: 1-D layers get neither trust ratio nor weight decay.
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RangerLARS(TrustRatioOptimizer):
         exclude_1d: bool = True,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -89,10 +93,12 @@ class RangerLARS(TrustRatioOptimizer):
             rectify_threshold=rectify_threshold,
             exclude_1d=exclude_1d,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
@@ -140,6 +146,7 @@ class RangerLARS(TrustRatioOptimizer):
             alpha=group["alpha"],
             rectify_threshold=group["rectify_threshold"],
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -189,8 +196,18 @@ def ranger_lars(
     alpha: float,
     rectify_threshold: float,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
+
+    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_ranger_lars` (same result).
+    """
+    if fused:
+        return fused_ranger_lars(
+            params, grads, exp_avgs, exp_avg_sqs, slow_buffers, steps, layout, adapt, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, use_gc=use_gc, k=k, alpha=alpha,
+            rectify_threshold=rectify_threshold,
+        )
     work = StepTensors(params, grads, layout)
     # Gradient Centralization only where each local tensor holds whole rows; flat ZeRO partitions were
     # centred before reduction.
