@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hf_lars.bench import ADAM_KW, RANGER_KW, SGD_KW, Contender
+from bench_step import ADAM_KW, RANGER_KW, SGD_KW, Contender
 
 __all__ = ["VENDOR_DIR", "peer_contenders", "load_timm_optim", "load_pytorch_optimizer"]
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from hf_lars import data
+from hf_lars import demo as data
 from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback, GradientNoiseScaleMonitor
 
 

@@ -36,10 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-import hf_lars.sharding  # noqa: E402
 from hf_lars import LARS, AdamLARS, RangerLARS  # noqa: E402
-from hf_lars.layout import Segment, TensorLayout  # noqa: E402
-from hf_lars.sharding import is_dtensor  # noqa: E402
+from recipes._naive_layout import naive_layouts  # noqa: E402
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "LARS": (LARS, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}),
@@ -62,21 +60,6 @@ class Block(nn.Module):
 def make_model(width: int, depth: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[Block(width) for _ in range(depth)], nn.Linear(width, 10))
-
-
-def naive_layouts(
-    stepped: list[torch.Tensor], layers: list[torch.Tensor], group_params: Any = None
-) -> list[TensorLayout]:
-    out = []
-    index = {id(p): j for j, p in enumerate(layers)}
-    positions = {id(p): k for k, p in enumerate(group_params or [])}
-    for t in stepped:
-        if is_dtensor(t):
-            j = index.get(id(t), positions.get(id(t), 0))
-            out.append(TensorLayout((Segment(j, 0, t.to_local().numel()),), whole_rows=True, dtensor=True))
-        else:
-            out.append(TensorLayout.of_layer(0, t))
-    return out
 
 
 class Timed:
@@ -136,13 +119,8 @@ class Runner:
         self.x = torch.randn(MICRO_BATCH, args.width, generator=g)
         self.y = torch.randint(0, 10, (MICRO_BATCH,), generator=g)
         self.total: list[float] = []
-        real = hf_lars.sharding.tensor_layouts
-        if naive:
-            hf_lars.sharding.tensor_layouts = naive_layouts
-        try:
+        with naive_layouts(enabled=naive):
             self.step()  # the first step builds (and caches) the layouts
-        finally:
-            hf_lars.sharding.tensor_layouts = real
         self.timer.times.clear()
         self.total.clear()
 

@@ -18,7 +18,6 @@ _LAZY = {
     "TrustRatioCallback": "hf_lars.integrations.transformers",
     "get_warmup_poly_schedule": "hf_lars.schedule",
     "warmup_poly_factor": "hf_lars.schedule",
-    "scale_lr": "hf_lars.schedule",
     "scaled_lr": "hf_lars.scaling",
     "fit_surge": "hf_lars.scaling",
     "adam_optimal_lr": "hf_lars.scaling",

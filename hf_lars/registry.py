@@ -22,7 +22,6 @@ __all__ = [
     "get_optimizer_info",
     "create_optimizer",
     "build_param_groups",
-    "NORM_LAYER_TYPES",
 ]
 
 
@@ -75,8 +74,9 @@ def get_optimizer_info(name: str) -> OptimInfo:
     return info
 
 
-# Normalization layers whose weights Trainer (and we) exclude from weight decay and the trust ratio.
-NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+# torch's normalization layers: their weights join Trainer's exclusions (a CNN's ``bn1`` or ``1`` is named
+# like no norm, so Trainer's name patterns alone would decay and adapt BatchNorm scales).
+_NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
     nn.LocalResponseNorm,
@@ -85,42 +85,50 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def _is_norm_module(module: nn.Module) -> bool:
-    if isinstance(module, NORM_LAYER_TYPES):
-        return True
-    # transformers' LlamaRMSNorm & co. are plain Modules named "...Norm".
-    return type(module).__name__.lower().endswith(("norm", "layernorm", "rmsnorm"))
+def _default_decay_parameter_names(model: nn.Module) -> list[str]:
+    """Trainer's rule (``Trainer.get_decay_parameter_names``) without the parameters of torch's norm layers."""
+    from hf_lars.integrations.transformers.patches import trainer_decay_parameter_names
+
+    decay = set(trainer_decay_parameter_names(model))
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYER_TYPES) for p in m.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if n in decay and id(p) not in norm_ids]
 
 
 def build_param_groups(
     model: nn.Module,
     weight_decay: float = 0.0,
-    no_decay_names: Iterable[str] = ("bias",),
+    decay_parameter_names: Iterable[str] | None = None,
     **group_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Split ``model``'s trainable parameters the way Trainer does, with names.
+    """Split ``model``'s trainable parameters with Trainer's rule, as ``(name, tensor)`` groups.
 
-    Returns two groups of ``(name, tensor)`` pairs: parameters that take weight decay and the trust ratio,
-    and the no-decay group (biases, weights of normalization layers, anything whose name contains one of
-    ``no_decay_names``) with ``weight_decay=0.0`` and ``adapt=False``.  Extra keyword arguments go into both
-    groups.  Empty groups are dropped.
+    The one param-group builder of every front door (:func:`create_optimizer`, the Trainer route, the
+    Accelerate helpers), so a model is split the same way whichever door it comes through.
+
+    Returns two groups: parameters that take weight decay and the trust ratio, and the no-decay group
+    (whatever ``decay_parameter_names`` leaves out) with ``weight_decay=0.0`` and ``adapt=False``.  Extra
+    keyword arguments go into both groups.  Frozen parameters are skipped and empty groups dropped.
+
+    Args:
+        decay_parameter_names: the names that decay.  A Trainer passes its ``get_decay_parameter_names``
+            (so overrides count); the default is that same rule of transformers (no biases, nothing named like
+            a norm: ``layernorm``, ``rmsnorm``, ``.norm.``, ``_norm``), also leaving out the parameters of
+            torch's normalization layers (BatchNorm, GroupNorm, LayerNorm, RMSNorm, LocalResponseNorm).
     """
-    no_decay_ids: set[int] = set()
-    for module in model.modules():
-        if _is_norm_module(module):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        excluded = id(p) in no_decay_ids or any(key in name for key in no_decay_names)
-        (no_decay if excluded else decay).append((name, p))
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, **group_kwargs})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "adapt": False, **group_kwargs})
-    return groups
+    if decay_parameter_names is None:
+        decay_parameter_names = _default_decay_parameter_names(model)
+    decay_names = set(decay_parameter_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [(n, p) for n, p in named if n in decay_names], "weight_decay": weight_decay, **group_kwargs},
+        {
+            "params": [(n, p) for n, p in named if n not in decay_names],
+            "weight_decay": 0.0,
+            "adapt": False,
+            **group_kwargs,
+        },
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def create_optimizer(model_or_params: Any, name: str, **kwargs: Any) -> torch.optim.Optimizer:

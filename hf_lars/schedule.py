@@ -21,14 +21,10 @@ from 0 the two schedules agree exactly.
 - Polynomial decay with ``power = 2``: You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional
   Networks" (arXiv:1708.03888), the LARS paper: ``lr = lr0 * (1 - t / T) ** 2``.
 
-Batch-size scaling rules
-------------------------
-``scale_lr`` maps a learning rate tuned at batch ``B0`` to batch ``B``:
-
-- ``"linear"`` (Goyal et al. 2017, SGD): ``lr = base_lr * B / B0``;
-- ``"sqrt"`` (square-root rule, Adam-style optimizers at small batch; Krizhevsky 2014, Hoffer et al. 2017):
-  ``lr = base_lr * sqrt(B / B0)``;
-- ``"none"``: ``lr = base_lr``.
+Batch-size scaling
+------------------
+Rescaling a learning rate for a new batch size is :func:`hf_lars.scaling.scaled_lr` (linear, sqrt, the SGD
+and Adam/surge laws): the one function every front door calls.
 
 Works under DeepSpeed ZeRO and Accelerate
 -----------------------------------------
@@ -55,19 +51,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
     "WARMUP_KINDS",
-    "SCALING_RULES",
     "warmup_poly_factor",
     "get_warmup_poly_schedule",
-    "scale_lr",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Allowed values of ``warmup``.
 WARMUP_KINDS: tuple[str, ...] = ("linear", "constant")
-#: Allowed values of ``rule`` in :func:`scale_lr`.
-SCALING_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers
@@ -331,31 +322,3 @@ def get_warmup_poly_schedule(
         for lr0 in lr0s
     ]
     return LambdaLR(optimizer, lr_lambdas, last_epoch=last_epoch)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# batch-size scaling rules
-# ----------------------------------------------------------------------------------------------------------
-def scale_lr(base_lr: float, base_batch: int | float, batch: int | float, rule: str = "linear") -> float:
-    """Scale a learning rate tuned at batch ``base_batch`` to batch ``batch``.
-
-    Rules::
-
-        "linear":  lr = base_lr * batch / base_batch           # Goyal et al. 2017, SGD
-        "sqrt":    lr = base_lr * sqrt(batch / base_batch)     # square-root rule, Adam-style at small batch
-        "none":    lr = base_lr
-
-    For Adam-style optimizers at large batch the optimal LR peaks and falls again (Li et al. 2024, the
-    surge phenomenon): see ``hf_lars.scaling`` for batch-size laws fitted to measurements.
-
-    Raises:
-        ValueError: if ``rule`` is not one of :data:`SCALING_RULES`, or an input is not a positive number.
-    """
-    if rule not in SCALING_RULES:
-        raise ValueError(f"Invalid rule: {rule!r} (valid rules: {', '.join(map(repr, SCALING_RULES))})")
-    for name, value in (("base_lr", base_lr), ("base_batch", base_batch), ("batch", batch)):
-        if not (_is_real(value) and value > 0):
-            raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
-    from hf_lars.scaling import scaled_lr  # the one table of batch-size rules
-
-    return float(scaled_lr(rule, base_batch, base_lr, batch))

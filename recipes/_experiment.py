@@ -9,7 +9,8 @@ with BatchNorm (a miniature ResNet stem).  The helpers here are deliberately sma
 - :class:`RunConfig` + :func:`train_run`: one training run (fixed epoch budget, sample stream with exactly
   ``batch_size`` images per step, warmup + poly decay from :mod:`hf_lars.schedule`), returning a CSV row;
 - :func:`build_optimizer`: SGD (torch) or a registered hf_lars optimizer, plus the ablation variants;
-- :func:`summarize`, :func:`markdown_table`, :func:`write_csv`, :func:`read_csv`: results handling.
+- :func:`summarize`, :func:`markdown_table`, :func:`write_csv`, :func:`read_csv`: results handling;
+- :func:`experiment_parser`, :func:`run_and_report`: the command line and the ``main`` both recipes share.
 
 The LR sweep protocol used by both recipes: train on *train*, pick the LR with the best mean *val*
 accuracy over seeds, report *test* accuracy.  Test accuracy is never used to choose anything.
@@ -17,13 +18,14 @@ accuracy over seeds, report *test* accuracy.  Test accuracy is never used to cho
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
 import random
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -449,3 +451,37 @@ def progress_bar(total: int, desc: str, quiet: bool = False) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="run", disable=quiet, dynamic_ncols=True)
+
+
+def experiment_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The parser both recipes start from: ``--seeds``, ``--out-dir``, ``--quick`` (described by ``quick_help``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per configuration (default 3)")
+    p.add_argument("--out-dir", default=default_out_dir(), help="where CSVs and PNGs go (default docs/results)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    *,
+    stem: str,
+    run_columns: Sequence[str],
+    run_experiment: Callable[[argparse.Namespace], dict[str, Any]],
+    summary_rows: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    tables: Callable[[dict[str, Any], list[dict[str, Any]], argparse.Namespace], str],
+    plot: Callable[[dict[str, Any], list[dict[str, Any]], argparse.Namespace], Any],
+) -> int:
+    """A recipe's ``main``: run, write ``<stem>_runs.csv`` (every run) and ``<stem>.csv`` (the summary), plot,
+    print the tables and the wall time."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    res = run_experiment(args)
+    summary = summary_rows(res)
+    write_csv(os.path.join(args.out_dir, f"{stem}_runs.csv"), res["rows"], run_columns)
+    write_csv(os.path.join(args.out_dir, f"{stem}.csv"), summary)
+    plot(res, summary, args)
+    minutes = (time.perf_counter() - t0) / 60
+    print(tables(res, summary, args))
+    print(f"\nwall time: {minutes:.1f} min; results in {args.out_dir}")
+    return 0

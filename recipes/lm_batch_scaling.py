@@ -4,7 +4,7 @@
 The claim under test (You et al. 2019, LAMB): a layer-wise trust ratio on top of Adam ("AdamLARS" here) keeps
 the quality of a small-batch run when the batch grows, where plain AdamW loses it.
 
-Setup (all offline, CPU, one thread): the embedded corpus (:mod:`hf_lars.data`, CPython docstrings), a byte-level
+Setup (all offline, CPU, one thread): the embedded corpus (:mod:`hf_lars.demo`, CPython docstrings), a byte-level
 BPE of 1,024 tokens trained on the train split, blocks of 32 tokens, a tiny ``LlamaForCausalLM`` (2 layers,
 hidden 48, tied embeddings, 0.10M parameters) from random init.  Every run sees **the same tokens**: the first
 ``--budget-blocks`` blocks of a seeded permutation of the training blocks (6,144 blocks = 196,608 tokens, 0.31 of
@@ -127,7 +127,7 @@ def load_lm_data(size: LMSize = FULL) -> LMData:
     import datasets
     import transformers
 
-    from hf_lars import data
+    from hf_lars import demo as data
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -151,7 +151,7 @@ def load_lm_data(size: LMSize = FULL) -> LMData:
 
 
 def make_model(config: Any, seed: int) -> nn.Module:
-    from hf_lars import data
+    from hf_lars import demo as data
 
     return data.build_model(config, seed=seed)
 

@@ -2,7 +2,7 @@
 """Pre-train a small Llama-style causal LM with ``Trainer`` and an hf_lars optimizer (large-batch friendly).
 
 By default everything is offline: the data is the corpus embedded in hf_lars (CPython stdlib docstrings,
-:mod:`hf_lars.data`), split into train/validation with ``datasets``; the tokenizer is a byte-level BPE trained on
+:mod:`hf_lars.demo`), split into train/validation with ``datasets``; the tokenizer is a byte-level BPE trained on
 the train split with ``tokenizers``; the model is a ``LlamaForCausalLM`` built from a config (random init, no
 hub weights).  Real runs pass hub names or files instead::
 
@@ -54,7 +54,7 @@ from transformers import (
 )
 
 import hf_lars
-from hf_lars import data as hf_data
+from hf_lars import demo as hf_data
 from hf_lars.integrations.accelerate import init_cpu_distributed_state
 
 logger = logging.getLogger("pretrain_clm")

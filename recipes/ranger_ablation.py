@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +50,14 @@ from _experiment import (  # noqa: E402
     RunCache,
     RunConfig,
     best_lr,
-    default_out_dir,
+    experiment_parser,
     load_digits_splits,
     markdown_table,
     pct,
     progress_bar,
+    run_and_report,
     single_thread,
     summarize,
-    write_csv,
 )
 
 RUN_COLUMNS = [
@@ -103,12 +102,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per configuration (default 3)")
-    p.add_argument("--out-dir", default=default_out_dir(), help="where CSVs and PNGs go (default docs/results)")
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (2 LRs, 1 epoch)")
+    p = experiment_parser(__doc__, "a seconds-long smoke run (2 LRs, 1 epoch)")
     p.add_argument("--only", choices=["all", "warmup", "ranger"], default="all", help="run one half of the ablation")
     p.add_argument("--batch", type=int, default=1024, help="the (large) batch size of every run")
     p.add_argument("--base-batch", type=int, default=32, help="warmup starts at base_batch/batch of the peak LR")
@@ -278,18 +272,15 @@ def plot(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Name
 
 def main(argv: list[str] | None = None) -> int:
     single_thread()
-    args = parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    res = run_experiment(args)
-    summary = summary_rows(res)
-    write_csv(os.path.join(args.out_dir, "ablation_runs.csv"), res["rows"], RUN_COLUMNS)
-    write_csv(os.path.join(args.out_dir, "ablation.csv"), summary)
-    plot(res, summary, args)
-    minutes = (time.perf_counter() - t0) / 60
-    print(tables(res, summary, args))
-    print(f"\nwall time: {minutes:.1f} min; results in {args.out_dir}")
-    return 0
+    return run_and_report(
+        parse_args(argv),
+        stem="ablation",
+        run_columns=RUN_COLUMNS,
+        run_experiment=run_experiment,
+        summary_rows=summary_rows,
+        tables=tables,
+        plot=plot,
+    )
 
 
 if __name__ == "__main__":

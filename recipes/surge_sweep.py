@@ -3,7 +3,7 @@
 
 Li et al. 2024 (arXiv 2405.14578) predict for Adam-style optimizers ``eps_opt(B) = eps_max / (0.5 (sqrt(B_noise/B)
 + sqrt(B/B_noise)))``: the best LR rises like ``sqrt(B)``, peaks at ``B = B_noise`` and then falls.  This recipe
-trains a small Llama (:mod:`hf_lars.data`: the embedded corpus, a byte-level BPE, random init) with
+trains a small Llama (:mod:`hf_lars.demo`: the embedded corpus, a byte-level BPE, random init) with
 ``torch.optim.AdamW`` at every (batch size, LR) pair of a grid and records the validation loss; the best LR per
 batch size (:func:`~hf_lars.scaling.best_lr_from_grid`) is fitted with :func:`~hf_lars.scaling.fit_surge`, and
 the fitted ``B_noise`` is compared with the gradient noise scale measured online in the same runs
@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from hf_lars import data as hf_data  # noqa: E402
+from hf_lars import demo as hf_data  # noqa: E402
 from hf_lars.integrations.noise_scale import GradientNoiseScaleMonitor  # noqa: E402
 from hf_lars.scaling import best_lr_from_grid, fit_surge, plot_surge_fit  # noqa: E402
 

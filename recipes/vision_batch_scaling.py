@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +47,14 @@ from _experiment import (  # noqa: E402
     RunCache,
     RunConfig,
     best_lr,
-    default_out_dir,
+    experiment_parser,
     load_digits_splits,
     markdown_table,
     pct,
     progress_bar,
+    run_and_report,
     single_thread,
     summarize,
-    write_csv,
 )
 
 RUN_COLUMNS = [
@@ -70,7 +69,7 @@ class Series:
 
     name: str
     optimizer: str
-    rule: str  # "linear", "sqrt" or "none" (hf_lars.schedule.scale_lr)
+    rule: str  # "linear", "sqrt" or "none" (hf_lars.scaling.scaled_lr)
     label: str
 
 
@@ -88,12 +87,7 @@ def _optimizers(series: list[Series]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per configuration (default 3)")
-    p.add_argument("--out-dir", default=default_out_dir(), help="where CSVs and PNGs go (default docs/results)")
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny grids, 1 epoch)")
+    p = experiment_parser(__doc__, "a seconds-long smoke run (tiny grids, 1 epoch)")
     p.add_argument("--epochs", type=float, default=20.0, help="epoch budget, the same for every batch size")
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
@@ -132,7 +126,7 @@ def _config(args: argparse.Namespace, optimizer: str, lr: float, batch: int, see
 
 
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
-    from hf_lars.schedule import scale_lr
+    from hf_lars.scaling import scaled_lr
 
     data = load_digits_splits()
     seeds = list(range(args.seeds))
@@ -157,7 +151,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
             for seed in seeds:
                 run("sweep_base", "", _config(args, opt, lr, base, seed))
         best[opt] = pick("sweep_base", opt)
-    rule_lr = {s.name: {b: scale_lr(best[s.optimizer], base, b, s.rule) for b in args.batch_sizes} for s in series}
+    rule_lr = {s.name: {b: float(scaled_lr(s.rule, base, best[s.optimizer], b)) for b in args.batch_sizes} for s in series}
     for s in series:  # 2. each series' rule at every batch size
         for b in args.batch_sizes:
             for seed in seeds:
@@ -326,18 +320,15 @@ def plot(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Name
 
 def main(argv: list[str] | None = None) -> int:
     single_thread()
-    args = parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    res = run_experiment(args)
-    summary = summary_rows(res)
-    write_csv(os.path.join(args.out_dir, "batch_scaling_runs.csv"), res["rows"], RUN_COLUMNS)
-    write_csv(os.path.join(args.out_dir, "batch_scaling.csv"), summary)
-    plot(res, summary, args)
-    minutes = (time.perf_counter() - t0) / 60
-    print(tables(res, summary, args))
-    print(f"\nwall time: {minutes:.1f} min; results in {args.out_dir}")
-    return 0
+    return run_and_report(
+        parse_args(argv),
+        stem="batch_scaling",
+        run_columns=RUN_COLUMNS,
+        run_experiment=run_experiment,
+        summary_rows=summary_rows,
+        tables=tables,
+        plot=plot,
+    )
 
 
 if __name__ == "__main__":

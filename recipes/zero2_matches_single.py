@@ -345,13 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- worker
-def _naive_layouts(stepped: list[torch.Tensor], layers: list[torch.Tensor], group_params: Any = None) -> list[Any]:
-    """Each flat partition treated as one layer with local norms (what sharding-unaware LAMBs compute)."""
-    from hf_lars.layout import TensorLayout
-
-    return [TensorLayout.of_layer(0, t) for t in stepped]
-
-
 def worker(payload_path: str, out_path: str) -> int:
     import torch.distributed as dist
 
@@ -364,6 +357,7 @@ def worker(payload_path: str, out_path: str) -> int:
     from tqdm.auto import tqdm
 
     import hf_lars.sharding
+    from _naive_layout import naive_tensor_layouts  # recipes/ is this script's directory
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     payload = torch.load(payload_path, weights_only=False)
@@ -383,7 +377,7 @@ def worker(payload_path: str, out_path: str) -> int:
         params = list(engine.module.parameters())
         has = torch.tensor([float(getattr(p, "_hp_mapping", None) is not None) for p in params])
         dist.all_reduce(has)
-        hf_lars.sharding.tensor_layouts = _naive_layouts if naive else real_layouts
+        hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
         losses = []
         try:
             bar = tqdm(batches, desc=f"ZeRO-2 {_key(opt_name, naive)}", unit="step", disable=rank != 0)

@@ -1,4 +1,4 @@
-"""Tests for hf_lars.data: the embedded corpus, its split, the BPE tokenizer, block grouping and the tiny model."""
+"""Tests for hf_lars.demo: the embedded corpus, its split, the BPE tokenizer, block grouping and the tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from hf_lars import data as hd
+from hf_lars import demo as hd
 
 VOCAB = 1024  # small vocabulary keeps the tests fast; the recipes use 4096
 
@@ -41,7 +41,7 @@ def test_shipped_corpus_size_and_integrity() -> None:
     raw = text.encode("utf-8")
     assert 1_000_000 <= len(raw) <= 3_000_000
     assert 100_000 <= hd.CORPUS_PATH.stat().st_size <= 1_000_000  # gzip'ed
-    assert hashlib.sha256(raw).hexdigest() == hd._CORPUS_SHA256  # the file README.md describes
+    assert hashlib.sha256(raw).hexdigest() == hd.corpus._CORPUS_SHA256  # the file README.md describes
     assert "Return" in text and "\n\n\n" not in text
     assert hd.load_corpus() is text  # read once
     paragraphs = hd.corpus_paragraphs()
@@ -109,7 +109,7 @@ def test_build_stdlib_corpus_on_a_fake_stdlib(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    sys.version.split()[0] != hd._CORPUS_PYTHON, reason="the shipped corpus was built on CPython " + hd._CORPUS_PYTHON
+    sys.version.split()[0] != hd.corpus._CORPUS_PYTHON, reason="the shipped corpus was built on CPython " + hd.corpus._CORPUS_PYTHON
 )
 def test_rebuild_reproduces_shipped_corpus_prefix() -> None:
     rebuilt = hd.build_stdlib_corpus(None, max_bytes=120_000)
@@ -163,13 +163,13 @@ def test_tokenizer_cache(tmp_path: Path, splits: Any, caplog: pytest.LogCaptureF
     texts = splits["train"]["text"][:500]
     first = hd.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
-    with caplog.at_level(logging.INFO, logger="hf_lars.data"):
+    with caplog.at_level(logging.INFO, logger="hf_lars.demo.corpus"):
         cached = hd.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path)
     assert "loading cached tokenizer" in caplog.text
     assert _bpe_model(cached) == _bpe_model(first)
     assert cached.eos_token_id == 2 and cached.pad_token_id == 0
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hf_lars.data"):
+    with caplog.at_level(logging.INFO, logger="hf_lars.demo.corpus"):
         other = hd.train_tokenizer(texts, vocab_size=320, cache_dir=tmp_path)  # other settings: retrain
     assert "retraining" in caplog.text and len(other) == 320
 

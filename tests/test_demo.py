@@ -10,14 +10,15 @@ import matplotlib.image as mpimg
 import pytest
 
 from hf_lars import cli
-from hf_lars.commands import demo
+from hf_lars.demo import run as demo_run
+from hf_lars.demo import settings as demo_settings
 
 
 def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = out[out.index("optimizer "):]
-    for name in demo.DEMO_OPTIMIZERS:
+    for name in demo_settings.DEMO_OPTIMIZERS:
         row = next(line for line in table.splitlines() if line.startswith(name + " "))
         train_loss, eval_loss, perplexity, seconds = map(float, row.split()[2:6])
         assert all(math.isfinite(v) for v in (train_loss, eval_loss, perplexity, seconds))
@@ -33,9 +34,9 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown demo optimizer"):
-        demo.run_demo(tmp_path, optimizers=["sgd"], quick=True)
+        demo_run.run_demo(tmp_path, optimizers=["sgd"], quick=True)
     with pytest.raises(ValueError, match="need --steps >= 2"):
-        demo.run_demo(tmp_path, steps=1, quick=True)
+        demo_run.run_demo(tmp_path, steps=1, quick=True)
 
 
 def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,11 +44,11 @@ def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import torch
 
-    assert demo.choose_threads(3) == 3
+    assert demo_run.choose_threads(3) == 3
     with pytest.raises(ValueError, match="Invalid --threads: 0"):
-        demo.choose_threads(0)
+        demo_run.choose_threads(0)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert demo.choose_threads() == 1  # busy: threads would wait on each other
+    assert demo_run.choose_threads() == 1  # busy: threads would wait on each other
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-    assert demo.choose_threads() == torch.get_num_threads()
+    assert demo_run.choose_threads() == torch.get_num_threads()

@@ -24,9 +24,8 @@ from hf_lars.integrations.lr_scaling import (
     LrScalingArguments,
     apply_lr_scaling,
     global_batch_size,
-    scaled_learning_rate,
 )
-from hf_lars.scaling.laws import RULES
+from hf_lars.scaling.laws import RULES, scaled_lr
 
 REF_LR, REF_BATCH, B_NOISE = 1e-3, 64, 512.0
 
@@ -129,10 +128,10 @@ def test_none_needs_nothing_and_keeps_the_lr() -> None:
 
 
 def test_plain_api_for_loops() -> None:
-    lr = scaled_learning_rate("sgd", 0.1, ref_batch=256, batch_size=1024, b_noise=256, log=False)
+    lr = scaled_lr("sgd", ref_batch=256, ref_lr=0.1, batch=1024, b_noise=256)
     assert lr == pytest.approx(0.1 * (1 / (1 + 256 / 1024)) / (1 / (1 + 1)))
     with pytest.raises(ValueError, match="valid rules"):
-        scaled_learning_rate("lars", 0.1, ref_batch=256, batch_size=1024)
+        scaled_lr("lars", ref_batch=256, ref_lr=0.1, batch=1024)
 
 
 def test_argument_parser_fields_help_and_choices() -> None:
@@ -207,7 +206,8 @@ json.dump({"lr": args.learning_rate, "optim": getattr(args.optim, "value", args.
 def test_hf_lars_run_takes_lr_scaling_flags_for_plain_training_arguments(tmp_path: Path) -> None:
     """An unmodified script with plain TrainingArguments gets --learning_rate rescaled via `hf-lars run`."""
     from hf_lars.commands.run import run_script
-    from hf_lars.integrations.transformers import _LAUNCH_LR_SCALING, is_registered, register, unregister
+    from hf_lars.integrations.transformers import is_registered, register, unregister
+    from hf_lars.integrations.transformers.launch import _LAUNCH_LR_SCALING
 
     was_registered = is_registered()
 

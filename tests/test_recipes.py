@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from hf_lars import data
+from hf_lars import demo as data
 from hf_lars.integrations.callbacks import TRUST_RATIO_FILE
 
 REPO = Path(__file__).resolve().parents[1]

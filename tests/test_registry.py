@@ -23,7 +23,7 @@ EXPECTED = {
 
 
 class LlamaRMSNorm(nn.Module):
-    """A transformers-style norm: a plain Module whose class name ends in RMSNorm."""
+    """A transformers-style norm: a plain Module, found by its name (``norm``) as Trainer's rule does."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -39,18 +39,18 @@ class Net(nn.Module):
         self.embed = nn.Embedding(10, 8)
         self.proj = nn.Linear(8, 8)
         self.ln = nn.LayerNorm(8)
-        self.rms = LlamaRMSNorm(8)
+        self.norm = LlamaRMSNorm(8)
         self.head = nn.Linear(8, 3, bias=False)
         self.frozen = nn.Linear(8, 8)
         for p in self.frozen.parameters():
             p.requires_grad_(False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rms(self.ln(self.frozen(self.proj(self.embed(idx))))))
+        return self.head(self.norm(self.ln(self.frozen(self.proj(self.embed(idx))))))
 
 
 DECAY = ["embed.weight", "proj.weight", "head.weight"]
-NO_DECAY = ["proj.bias", "ln.weight", "ln.bias", "rms.weight"]
+NO_DECAY = ["proj.bias", "ln.weight", "ln.bias", "norm.weight"]
 
 
 def _lr(name: str) -> dict:

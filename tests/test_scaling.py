@@ -89,6 +89,14 @@ def test_scaled_lr_simple_rules() -> None:
     assert scaled_lr("sqrt", 256, 0.1, 1024) == pytest.approx(0.2)
     assert scaled_lr("none", 256, 0.1, 1024) == pytest.approx(0.1)
     np.testing.assert_allclose(scaled_lr("linear", 256, 0.1, np.array([128, 512])), [0.05, 0.2])
+    # the values hf_lars.schedule.scale_lr was tested with before it gave way to scaled_lr
+    assert scaled_lr("linear", 256, 0.1, 8192) == pytest.approx(3.2)  # Goyal et al.: 0.1 * 8k/256
+    assert scaled_lr("sqrt", 256, 1e-3, 1024) == pytest.approx(2e-3)
+    assert scaled_lr("sqrt", 1024, 1e-3, 256) == pytest.approx(5e-4)
+    assert scaled_lr("linear", 512, 0.1, 128) == pytest.approx(0.025)
+    assert scaled_lr("none", 32, 3e-4, 4096) == pytest.approx(3e-4)
+    assert scaled_lr("sqrt", 256, 0.1, 256) == pytest.approx(0.1)
+    assert math.isclose(scaled_lr("sqrt", 3, 2.0, 7), 2.0 * math.sqrt(7 / 3))
 
 
 def test_scaled_lr_laws_are_ratios_of_the_law() -> None:
@@ -110,6 +118,14 @@ def test_scaled_lr_errors() -> None:
         scaled_lr("sgd", 256, 0.1, 512)
     with pytest.raises(ValueError, match="ref_lr"):
         scaled_lr("linear", 256, -0.1, 512)
+    with pytest.raises(ValueError, match="ref_lr"):
+        scaled_lr("linear", 256, 0.0, 512)
+    with pytest.raises(ValueError, match="ref_batch must be positive"):
+        scaled_lr("linear", 0, 0.1, 512)
+    with pytest.raises(ValueError, match="batch must be positive"):
+        scaled_lr("linear", 256, 0.1, -8)
+    with pytest.raises(ValueError, match="batch must be positive and finite"):
+        scaled_lr("linear", 256, 0.1, float("inf"))
 
 
 # ----------------------------------------------------------------------------------------------- scalers

@@ -4,14 +4,13 @@ agreement with transformers, argument validation, and the batch-size scaling rul
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any
 
 import pytest
 import torch
 
-from hf_lars.schedule import get_warmup_poly_schedule, scale_lr, warmup_poly_factor
+from hf_lars.schedule import get_warmup_poly_schedule, warmup_poly_factor
 
 W, T = 5, 23  # warmup and total steps used throughout; T - W is not a round number on purpose
 
@@ -278,32 +277,3 @@ def test_bad_step_and_lr0_in_pure_function() -> None:
 def test_bad_optimizer_raises() -> None:
     with pytest.raises(ValueError, match="param_groups"):
         get_warmup_poly_schedule(object(), 2, 10)
-
-
-# ------------------------------------------------------------------------------------------------ scale_lr
-def test_scale_lr_values() -> None:
-    assert scale_lr(0.1, 256, 8192) == pytest.approx(3.2)  # Goyal et al.: 0.1 * 8k/256
-    assert scale_lr(0.1, 256, 8192, rule="linear") == pytest.approx(3.2)
-    assert scale_lr(1e-3, 256, 1024, rule="sqrt") == pytest.approx(2e-3)
-    assert scale_lr(1e-3, 1024, 256, rule="sqrt") == pytest.approx(5e-4)
-    assert scale_lr(0.1, 512, 128) == pytest.approx(0.025)
-    assert scale_lr(3e-4, 32, 4096, rule="none") == 3e-4
-    assert scale_lr(0.1, 256, 256, rule="sqrt") == pytest.approx(0.1)
-    assert math.isclose(scale_lr(2.0, 3, 7, rule="sqrt"), 2.0 * math.sqrt(7 / 3))
-
-
-@pytest.mark.parametrize(
-    "args, kwargs, match",
-    [
-        ((0.1, 256, 512), dict(rule="cubic"), r"rule.*'linear', 'sqrt', 'none'"),
-        ((0.1, 256, 512), dict(rule="Linear"), r"valid rules"),
-        ((0.0, 256, 512), {}, r"base_lr.*> 0"),
-        ((-0.1, 256, 512), {}, r"base_lr.*> 0"),
-        ((0.1, 0, 512), {}, r"base_batch.*> 0"),
-        ((0.1, 256, -8), {}, r"batch.*> 0"),
-        ((0.1, 256, float("inf")), {}, r"batch"),
-    ],
-)
-def test_scale_lr_errors(args: tuple[Any, ...], kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        scale_lr(*args, **kwargs)

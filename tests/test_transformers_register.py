@@ -233,7 +233,7 @@ def test_version_guard_names_the_supported_range(registered: None, monkeypatch: 
     hft.check_transformers_version(transformers.__version__)
 
     hft.unregister()
-    monkeypatch.setattr(hft, "_installed_version", lambda: "6.1.0")
+    monkeypatch.setattr(hft.patches, "_installed_version", lambda: "6.1.0")
     with pytest.raises(RuntimeError, match=r"pip install 'transformers>=4\.46,<6'"):
         hft.register()
     assert not hft.is_registered() and "lars" not in OptimizerNames._value2member_map_  # nothing half-patched
@@ -269,3 +269,21 @@ def test_subclass_decay_split_is_honoured(registered: None, tmp_path) -> None:
     decay, no_decay = optimizer.param_groups
     assert "model.embed_tokens.weight" in no_decay["param_names"] and no_decay["adapt"] is False
     assert "model.embed_tokens.weight" not in decay["param_names"] and decay["weight_decay"] == 0.1
+
+
+def test_register_checks_every_private_name_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """patches.PRIVATE_NAMES is checked before anything is touched; a missing entry is named in the error."""
+    was_registered = hft.is_registered()
+    hft.unregister()
+    try:
+        bogus = ("transformers.Trainer.no_such_hook_anymore", "function")
+        monkeypatch.setattr(hft.patches, "PRIVATE_NAMES", (*hft.patches.PRIVATE_NAMES, bogus))
+        with pytest.raises(RuntimeError, match=r"missing function transformers\.Trainer\.no_such_hook_anymore"):
+            hft.register()
+        assert not hft.is_registered() and "lars" not in OptimizerNames._value2member_map_
+        monkeypatch.undo()
+        hft.check_transformers_version()  # every real entry resolves on the installed transformers
+        assert {"5.23", "5.24"} <= set(hft.TESTED_TRANSFORMERS)
+    finally:
+        if was_registered:
+            hft.register()

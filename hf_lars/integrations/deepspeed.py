@@ -6,7 +6,8 @@
 * :func:`check_config` finds settings that would lose or break an hf_lars optimizer (ZeRO-Offload silently
   swapping it for ``DeepSpeedCPUAdam``, a missing ``zero_allow_untested_optimizer``, an unknown or
   misspelt ``"type"``, parameters the optimizer does not take) and says how to fix each.
-* :func:`cpu_distributed_state` sets up Accelerate's state for CPU runs (gloo) under DeepSpeed.
+* CPU runs under DeepSpeed need Accelerate's state over gloo first:
+  :func:`hf_lars.integrations.distributed.init_cpu_distributed_state` ``(deepspeed=True)``.
 
 How DeepSpeed 0.19 resolves ``"type"`` (``deepspeed/runtime/engine.py``): names of its own optimizers
 (``adam``, ``adamw``, ``lamb``, ``lion``, ...; matched case-insensitively in ``runtime/config.py``) build
@@ -36,7 +37,6 @@ __all__ = [
     "unregister",
     "registered_names",
     "check_config",
-    "cpu_distributed_state",
     "DEEPSPEED_OWN_OPTIMIZERS",
 ]
 
@@ -274,23 +274,3 @@ def check_config(config: Mapping[str, Any] | str | Path, *, client_optimizer: bo
                 )
     if problems:
         raise ValueError("hf_lars: this DeepSpeed config needs changes:\n  - " + "\n  - ".join(problems))
-
-
-# --------------------------------------------------------------------------------------------- CPU
-
-
-def cpu_distributed_state(backend: str = "gloo") -> Any:
-    """Create Accelerate's process state over ``backend`` (gloo) for CPU runs under DeepSpeed.
-
-    Without it, on CPU, Accelerate and Trainer treat a DeepSpeed launch as a single process (each rank
-    thinks it is alone: wrong batch sizes, every rank saving).  Call it first thing in every process of a
-    ``torchrun`` / ``deepspeed`` / ``accelerate launch`` CPU run; with Trainer also pass
-    ``TrainingArguments(..., accelerator_config={"use_configured_state": True})`` so Trainer keeps this
-    state instead of building its own.  GPU runs do not need it.
-
-    Returns:
-        The ``accelerate.PartialState``.
-    """
-    from accelerate import PartialState
-
-    return PartialState(backend=backend)

@@ -13,8 +13,12 @@ Pieces:
 - :class:`LrScalingArguments`: the three fields with help strings, to compose into a ``TrainingArguments``
   subclass or to parse with ``HfArgumentParser`` next to it;
 - :func:`global_batch_size`, :func:`apply_lr_scaling`: the Trainer side (sets ``args.learning_rate``,
-  idempotent, refreshes a DeepSpeed config whose ``"auto"`` LRs were filled from the unscaled value);
-- :func:`scaled_learning_rate`: the plain function for Accelerate and hand-written loops.
+  idempotent, refreshes a DeepSpeed config whose ``"auto"`` LRs were filled from the unscaled value).
+
+Accelerate and hand-written loops call :func:`hf_lars.scaling.scaled_lr` itself::
+
+    batch = accelerator.num_processes * per_device_batch * accumulation_steps
+    lr = scaled_lr("surge", ref_batch=256, ref_lr=3e-4, batch=batch, b_noise=900)
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ __all__ = [
     "LR_SCALING_CHOICES",
     "LrScalingArguments",
     "global_batch_size",
-    "scaled_learning_rate",
     "apply_lr_scaling",
 ]
 
@@ -139,39 +142,18 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def scaled_learning_rate(
-    rule: str,
-    ref_lr: float,
-    ref_batch: int | float | None,
-    batch_size: int | float,
-    b_noise: float | None = None,
-    *,
-    log: bool = True,
-) -> float:
-    """The LR for global batch ``batch_size`` given ``ref_lr`` tuned at ``ref_batch`` (plain API, any loop).
-
-    Accelerate::
-
-        batch = accelerator.num_processes * per_device_batch * accumulation_steps
-        lr = scaled_learning_rate("surge", 3e-4, ref_batch=256, batch_size=batch, b_noise=900)
-
-    Logs ``lr scaled from X at batch Y to Z at batch W (rule R)`` on the main process (rank 0) when ``log``.
-
-    Raises:
-        ValueError: unknown rule (the valid ones are listed), ``ref_batch`` missing or not positive, ``b_noise``
-            missing or not positive for ``surge``/``sgd``, ``ref_lr`` not positive.
-    """
+def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: Any) -> float:
+    """:func:`hf_lars.scaling.scaled_lr` after the launch-flag checks, logged on the main process."""
     canon = _validate(rule, ref_batch, b_noise)
     if not _is_positive_number(ref_lr):
         raise ValueError(f"Invalid learning_rate: {ref_lr!r} (the reference LR must be positive)")
     if canon == "none":
         return float(ref_lr)
-    lr = float(scaled_lr(canon, ref_batch, ref_lr, batch_size, b_noise if canon in _NEEDS_B_NOISE else None))
-    if log and _is_main_process():
+    lr = float(scaled_lr(canon, ref_batch, ref_lr, batch, b_noise if canon in _NEEDS_B_NOISE else None))
+    if _is_main_process():
         noise = f", B_noise={b_noise:g}" if canon in _NEEDS_B_NOISE else ""
         logger.info(
-            "lr scaled from %g at batch %g to %g at batch %g (rule %s%s)",
-            ref_lr, ref_batch, lr, batch_size, rule, noise,
+            "lr scaled from %g at batch %g to %g at batch %g (rule %s%s)", ref_lr, ref_batch, lr, batch, rule, noise
         )
     return lr
 
@@ -190,7 +172,8 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
     Trainer's hyperparameter search does.
 
     Raises:
-        ValueError: see :func:`scaled_learning_rate`; also a non-positive ``world_size`` or batch setting.
+        ValueError: unknown rule (the valid ones are listed), ``lr_scaling_ref_batch`` missing or not positive,
+            ``b_noise`` missing or not positive for ``surge``/``sgd``, a non-positive LR, ``world_size`` or batch.
     """
     rule = getattr(args, "lr_scaling", "none")
     rule = "none" if rule is None else str(rule)
@@ -201,7 +184,7 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
     ref_lr = float(args.learning_rate)
     if applied is not None and math.isclose(ref_lr, applied["lr"], rel_tol=1e-12, abs_tol=0.0):
         ref_lr = applied["ref_lr"]
-    lr = scaled_learning_rate(rule, ref_lr, ref_batch, batch, b_noise)
+    lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise)
     changed = lr != float(args.learning_rate)
     args.learning_rate = lr
     object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})

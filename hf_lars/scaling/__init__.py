@@ -33,6 +33,7 @@ from hf_lars.scaling.noise import (
     simple_noise_scale,
     true_grad_sq_norm,
 )
+from hf_lars.scaling import noise  # noqa: E402 - its __all__ is part of ours
 from hf_lars.scaling.plot import plot_surge_fit
 from hf_lars.scaling.runs import RunsFileError, RunsTable, read_runs_csv
 from hf_lars.scaling.scaler import AdamBatchSizeScaler, BatchSizeScaler, ExtrapolationWarning, SGDBatchSizeScaler
@@ -58,12 +59,7 @@ __all__ = [
     "b_noise_from_steps",
     "kaplan_critical_batch",
     # noise scale
-    "NoiseScaleInputs",
-    "true_grad_sq_norm",
-    "grad_noise_trace",
-    "simple_noise_scale",
-    "data_parallel_noise_inputs",
-    "GradientNoiseScale",
+    *noise.__all__,
     # scalers
     "ExtrapolationWarning",
     "BatchSizeScaler",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from typing import ClassVar
 
 import numpy as np
 
@@ -130,37 +131,37 @@ def _check_fit(fit: SurgeFit, rule: str) -> None:
         raise ValueError(f"cannot scale with this fit: {fit.message}")
 
 
-class AdamBatchSizeScaler(BatchSizeScaler):
+class _LawScaler(BatchSizeScaler):
+    """A :class:`BatchSizeScaler` whose rule is fixed by the subclass (``_RULE``) and needs ``b_noise``."""
+
+    _RULE: ClassVar[str]
+
+    def __init__(
+        self,
+        ref_batch: ArrayLike,
+        ref_lr: ArrayLike,
+        b_noise: float | SurgeFit,
+        *,
+        batch_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(self._RULE, ref_batch, ref_lr, b_noise, batch_range=batch_range)
+
+
+class AdamBatchSizeScaler(_LawScaler):
     """:class:`BatchSizeScaler` with the surge law of Li et al. 2024 (Adam, AdamLARS/LAMB, RangerLARS).
 
     ``lr(B) = ref_lr * cosh((ln B_ref - ln B_noise) / 2) / cosh((ln B - ln B_noise) / 2)``: the LR grows like
     ``sqrt(B)`` below ``B_noise``, peaks there and falls above it.
     """
 
-    def __init__(
-        self,
-        ref_batch: ArrayLike,
-        ref_lr: ArrayLike,
-        b_noise: float | SurgeFit,
-        *,
-        batch_range: tuple[float, float] | None = None,
-    ) -> None:
-        super().__init__("adam", ref_batch, ref_lr, b_noise, batch_range=batch_range)
+    _RULE = "adam"
 
 
-class SGDBatchSizeScaler(BatchSizeScaler):
+class SGDBatchSizeScaler(_LawScaler):
     """:class:`BatchSizeScaler` with McCandlish et al.'s SGD law (SGD, LARS).
 
     ``lr(B) = ref_lr * (1 + B_noise / B_ref) / (1 + B_noise / B)``: linear scaling well below ``B_noise``,
     saturation above.
     """
 
-    def __init__(
-        self,
-        ref_batch: ArrayLike,
-        ref_lr: ArrayLike,
-        b_noise: float | SurgeFit,
-        *,
-        batch_range: tuple[float, float] | None = None,
-    ) -> None:
-        super().__init__("sgd", ref_batch, ref_lr, b_noise, batch_range=batch_range)
+    _RULE = "sgd"

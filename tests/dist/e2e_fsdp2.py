@@ -94,7 +94,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def unsharded(name: str, batches: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
     from hf_lars import create_optimizer
-    from hf_lars.integrations.callbacks import trust_ratio_values
+    from hf_lars.integrations.trust_ratios import trust_ratio_values
 
     model = tiny_model(seed=0).to(device)
     optimizer = create_optimizer(model, name, **OPTIMIZERS[name])
@@ -117,7 +117,7 @@ def sharded(accelerator: Any, name: str, batches: list[torch.Tensor]) -> dict[st
     from torch.distributed.tensor import DTensor
 
     from hf_lars import create_optimizer
-    from hf_lars.integrations.callbacks import trust_ratio_values
+    from hf_lars.integrations.trust_ratios import trust_ratio_values
 
     model = tiny_model(seed=0)  # on the CPU, as a script builds it: prepare shards it and places it
     optimizer = create_optimizer(model, name, **OPTIMIZERS[name])

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 import hf_lars.sharding
 from hf_lars import LARS, AdamLARS, RangerLARS
-from hf_lars.layout import Segment, TensorLayout
 from hf_lars.optim.ranger_lars import centralize_gradient
 from hf_lars.sharding import is_dtensor
+from recipes._naive_layout import naive_tensor_layouts
 
 STEPS = 6
 # Per-case limits: the first DeepSpeed case may JIT-build DeepSpeed's shared-memory op (~30 s to 2 min).
@@ -49,20 +49,6 @@ MODELS: dict[str, tuple[str, bool]] = {
     "mixed": ("wide", False),  # one group: 1-D layers, a zero-initialised matrix, a rank with only 1-D pieces
     "single": ("net", False),  # one group, every rank holds adapted pieces (used by the multi-node test)
 }
-
-
-def naive_tensor_layouts(stepped: list[Tensor], layers: list[Tensor], group_params: Any = None) -> list[TensorLayout]:
-    """The negative control: each flat partition (or local shard) is treated as one layer, norms are local."""
-    out = []
-    index = {id(p): j for j, p in enumerate(layers)}
-    positions = {id(p): k for k, p in enumerate(group_params or [])}
-    for t in stepped:
-        if is_dtensor(t):
-            j = index.get(id(t), positions.get(id(t), 0))
-            out.append(TensorLayout((Segment(j, 0, t.to_local().numel()),), whole_rows=True, dtensor=True))
-        else:
-            out.append(TensorLayout.of_layer(0, t))
-    return out
 
 
 class StepCounter:

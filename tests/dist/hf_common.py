@@ -16,7 +16,7 @@ SEQ_LEN = 16
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     """A 1-layer Llama (hidden 16): embeddings, attention, MLP, RMSNorms (the no-decay group)."""
-    from hf_lars import data
+    from hf_lars import demo as data
 
     config = data.tiny_llama_config(
         vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=32

@@ -7,7 +7,7 @@ Cases (results by name in the JSON):
 * ``misspelt``: ``"type": "RangerLRAS"``: DeepSpeed's own assertion, and ``check_config``'s listing.
 * ``offload_default`` / ``offload_<file>``: ZeRO-Offload with a client optimizer; without
   ``zero_force_ds_cpu_optimizer: false`` DeepSpeed refuses it, with the shipped offload configs it keeps it.
-* ``accelerate_dummy``: Accelerate (``cpu_distributed_state()`` first) with ``DummyOptim`` and
+* ``accelerate_dummy``: Accelerate (``init_cpu_distributed_state(deepspeed=True)`` first) with ``DummyOptim`` and
   ``"type": "AdamLARS"``: 2 processes, the engine steps hf_lars's AdamLARS.
 * ``accelerate_client_offload``: Accelerate with an hf_lars client optimizer and ``zero2_offload.json``:
   the optimizer is not swapped for DeepSpeedCPUAdam.
@@ -24,6 +24,7 @@ import torch
 
 from hf_lars import AdamLARS, RangerLARS
 from hf_lars.integrations import deepspeed as hf_ds
+from hf_lars.integrations.distributed import init_cpu_distributed_state
 
 STEPS = 4
 
@@ -133,7 +134,7 @@ def accelerate_cases(rank: int, world: int) -> dict[str, Any]:
     from accelerate.utils import DeepSpeedPlugin, DummyOptim
 
     out: dict[str, Any] = {}
-    state = hf_ds.cpu_distributed_state()
+    state = init_cpu_distributed_state(deepspeed=True)
     out["num_processes"] = state.num_processes
     x_all, y_all = C.global_batches(1, world)[0]
     x, y = C.local_slice((x_all, y_all), rank)

@@ -1,9 +1,9 @@
-"""Offline data and a small Llama-style model for the recipes, the benchmarks and ``hf-lars demo``.
+"""The offline text pipeline of ``hf-lars demo`` (also used by the recipes): corpus, split, tokenizer, blocks.
 
 Everything here works without network access:
 
-- an embedded English corpus (``hf_lars/data/corpus.txt.gz``, shipped as package data): the docstrings of
-  the CPython 3.11 standard library (PSF licence; provenance in ``hf_lars/data/README.md``), rebuilt by
+- an embedded English corpus (``hf_lars/demo/corpus.txt.gz``, shipped as package data): the docstrings of
+  the CPython 3.11 standard library (PSF licence; provenance in ``hf_lars/demo/README.md``), rebuilt by
   :func:`build_stdlib_corpus`. Shipping the built file, rather than rebuilding it at run time, makes results
   identical on every Python version;
 - :func:`corpus_datasets`: a deterministic train/validation split of its paragraphs as a ``DatasetDict``;
@@ -11,12 +11,11 @@ Everything here works without network access:
   ``PreTrainedTokenizerFast`` with ``<pad>``/``<s>``/``</s>``, optionally cached to a directory;
 - :func:`tokenize_and_group`: the usual causal-LM preprocessing (``run_clm.py``): tokenize, append EOS to
   each paragraph, concatenate, cut into ``block_size`` blocks, ``labels = input_ids``;
-- :func:`tiny_llama_config` / :func:`build_model`: a small ``LlamaForCausalLM`` from a config (no hub
-  weights), deterministic for a seed.
+- the model is :mod:`hf_lars.demo.model`.
 
 Users with real data pass hub names or files to the recipes instead; this module only holds the offline
 pieces. ``transformers``, ``datasets`` and ``tokenizers`` are imported inside the functions, so
-``import hf_lars.data`` stays cheap.
+``import hf_lars.demo.corpus`` stays cheap.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
-    import torch
     import transformers
 
 __all__ = [
@@ -46,20 +44,19 @@ __all__ = [
     "PAD_TOKEN",
     "BOS_TOKEN",
     "EOS_TOKEN",
+    "SPECIAL_TOKENS",
     "build_stdlib_corpus",
     "load_corpus",
     "corpus_paragraphs",
     "corpus_datasets",
     "train_tokenizer",
     "tokenize_and_group",
-    "tiny_llama_config",
-    "build_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: The shipped corpus (package data).
-CORPUS_PATH: Path = Path(__file__).resolve().parent / "data" / "corpus.txt.gz"
+CORPUS_PATH: Path = Path(__file__).resolve().parent / "corpus.txt.gz"
 # sha256 of the uncompressed shipped corpus (build_stdlib_corpus() on CPython 3.11.7); update on rebuild.
 _CORPUS_SHA256 = "e9fc79f8dc32f026ce0fad4239d36b3f57091a7e99495207f3cefd53ac34f3f4"
 _CORPUS_PYTHON = "3.11.7"
@@ -68,7 +65,7 @@ PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 #: Special tokens in id order: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2 (Llama's bos/eos ids).
-_SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 
 # Directories of the stdlib that hold tests, demos, bundled third-party code or build data, not docs.
 _EXCLUDED_DIRS = frozenset(
@@ -188,7 +185,7 @@ def _write_text(path: Path, text: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def load_corpus() -> str:
-    """The shipped corpus text (``hf_lars/data/corpus.txt.gz``), read once and cached.
+    """The shipped corpus text (``hf_lars/demo/corpus.txt.gz``), read once and cached.
 
     If the package data is missing (a source checkout without it), the corpus is rebuilt in memory from
     this interpreter's stdlib with a warning; it then differs from the shipped one on other Python versions.
@@ -274,8 +271,8 @@ def train_tokenizer(
     texts = list(texts)
     if not texts:
         raise ValueError("train_tokenizer needs at least one text")
-    if vocab_size < 256 + len(_SPECIAL_TOKENS):
-        raise ValueError(f"Invalid vocab_size: {vocab_size} (must be >= {256 + len(_SPECIAL_TOKENS)})")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"Invalid vocab_size: {vocab_size} (must be >= {256 + len(SPECIAL_TOKENS)})")
     key = _tokenizer_key(texts, vocab_size, min_frequency)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None and (cache / _TOKENIZER_KEY_FILE).is_file() and (cache / "tokenizer.json").is_file():
@@ -291,7 +288,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(_SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -354,67 +351,3 @@ def tokenize_and_group(
             logger.warning("split %r has fewer than block_size=%d tokens: no blocks", split, block_size)
         out[split] = grouped
     return datasets.DatasetDict(out)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# model
-# ----------------------------------------------------------------------------------------------------------
-def tiny_llama_config(
-    vocab_size: int,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    *,
-    tie_word_embeddings: bool = True,
-    **overrides: Any,
-) -> transformers.LlamaConfig:
-    """A small Llama-style config (RMSNorm, SwiGLU MLP, RoPE) for CPU-sized experiments.
-
-    ``intermediate_size`` defaults to Llama's ``8/3 * hidden_size`` rounded up to a multiple of 32 (352 for
-    128). Token ids match :func:`train_tokenizer`: pad 0, bos 1, eos 2. Input and output embeddings are
-    tied by default (most of a tiny model's parameters are embeddings). ``overrides`` go to ``LlamaConfig``.
-    """
-    from transformers import LlamaConfig
-
-    for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
-                        ("num_heads", num_heads), ("max_position_embeddings", max_position_embeddings)):
-        if value <= 0:
-            raise ValueError(f"Invalid {name}: {value} (must be > 0)")
-    if hidden_size % num_heads:
-        raise ValueError(f"Invalid num_heads: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-    if intermediate_size is None:
-        intermediate_size = -(-8 * hidden_size // 96) * 32  # ceil(8h/3 / 32) * 32
-    kwargs: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=_SPECIAL_TOKENS.index(PAD_TOKEN),
-        bos_token_id=_SPECIAL_TOKENS.index(BOS_TOKEN),
-        eos_token_id=_SPECIAL_TOKENS.index(EOS_TOKEN),
-        tie_word_embeddings=tie_word_embeddings,
-        use_cache=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def build_model(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
-    """A ``*ForCausalLM`` built from ``config`` (random init, no hub weights), identical for the same seed.
-
-    The global RNG state is left untouched (the init runs under :func:`torch.random.fork_rng`).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built %s with %.2fM parameters (seed %d)", type(model).__name__, n_params / 1e6, seed)
-    return model
