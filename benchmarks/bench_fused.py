@@ -3,7 +3,7 @@
     python benchmarks/bench_fused.py [--params-millions 23] [--steps 25] [--threads 1] [--markdown PATH]
     python benchmarks/bench_fused.py --memory [--dtype bf16]      # transient peak per optimizer, fresh processes
 
-Time: every contender steps the same parameter shapes (``hf_lars.bench.gpt2_like_shape``: the ``hf-lars
+Time: every contender steps the same parameter shapes (``bench_step.gpt2_like_shape``: the ``hf-lars
 bench`` shapes), round-robin in rotating order within the same rounds; each row is the median over the
 timed rounds (CUDA: ``torch.cuda.synchronize()`` around each step).  Baselines are torch's SGD(momentum=0.9)
 and AdamW at every setting the device supports (for-loop, foreach, fused); ratios are to the fastest of
@@ -12,7 +12,8 @@ them.  Ours: ``eager`` (what ``foreach=None`` picks) and ``fused``; the fused ro
 
 Memory (``--memory``): each (optimizer, implementation) runs in a fresh process: parameters and gradients
 are made, one step creates the state (and compiles), then the peak resident set is reset
-(``/proc/self/clear_refs``) and one more step is taken; the row is the peak beyond the resident set before
+(``/proc/self/clear_refs``, after ``malloc_trim`` returns the first step's freed memory) and one more step
+is taken; the row is the peak beyond the resident set before
 that step (CUDA: ``torch.cuda.max_memory_allocated`` beyond the allocated bytes).  State bytes are counted
 from the optimizer's state tensors.
 """
@@ -20,6 +21,8 @@ from the optimizer's state tensors.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -31,8 +34,9 @@ from typing import Any
 
 import torch
 
+from bench_step import gpt2_like_shape, make_params  # the shapes of bench_step.py (this folder is on sys.path)
+
 from hf_lars import LARS, AdamLARS, RangerLARS
-from hf_lars.bench import gpt2_like_shape, make_params
 from hf_lars.optim import fused as fused_mod
 
 _OURS: dict[str, tuple[type, dict[str, Any], str]] = {
@@ -132,6 +136,8 @@ def _memory_one(name: str, impl: str, params_millions: float, device: torch.devi
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the first step's freed temporaries back to the OS
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM)
             f.write("5")
         base = _proc_status("VmRSS")
