@@ -4,6 +4,7 @@ Compilation dominates the cost of these tests (~2-7 s per compiled function on 2
 on-disk cache makes later runs faster), so the cases are the reference inputs whose *structure* differs
 (the branches the generated code takes: weight decay, Nesterov, no momentum, trust clip/bounds, no bias
 correction, GC, several param groups), and later tests reuse functions compiled by earlier ones.
+Measured on the 2-core VM: 22 tests in ~50 s with inductor's disk cache warm, ~300 s cold at load average 8.
 
 Tolerances: fused vs eager on fp32 parameters ``RTOL = 1e-6`` of each tensor's scale after 10 steps
 (measured ~1e-7: inductor orders a few operations differently, e.g. sums of squares instead of norms).
