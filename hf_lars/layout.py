@@ -286,7 +286,7 @@ class PieceSubset:
         """
         if not self.idx:
             partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=self.layout.device)
-            return partial if self.layout.process_group is None else self._reduce(partial)
+            return partial if self.layout.process_group is None else self._reduce(partial)  # zeros: squares too
         if foreach:  # one _foreach_norm and one stack for all lists: two kernels on CUDA, not 2 + 2 per list
             flat = [x for pl in piece_lists for x in pl]
             partial = torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).view(len(piece_lists), -1)
@@ -296,21 +296,32 @@ class PieceSubset:
             )
         if self.layout.trivial and self.layout.process_group is None:
             return partial
-        return self._reduce(partial)
+        return self._reduce(partial.square())
 
-    def _reduce(self, partial: Tensor) -> Tensor:
-        """Sum partial squares per layer, all-reduce them, and return the norms on the pieces' device.
+    def norms_from_squares(self, squares: Tensor) -> Tensor:
+        """Global per-layer norms from precomputed local sums of squares, shape ``[number of norms, len(self)]``.
+
+        The same reduction as :meth:`norms` (one all-reduce under sharding) for callers that compute the
+        partial sums themselves, e.g. fused into a pass that also writes other tensors (``optim/fused.py``).
+        A rank holding no piece of this subset passes a ``[number of norms, 0]`` tensor and still joins.
+        """
+        if self.layout.trivial and self.layout.process_group is None:
+            return squares.sqrt()
+        return self._reduce(squares)
+
+    def _reduce(self, squares: Tensor) -> Tensor:
+        """Sum local squares per layer, all-reduce them, and return the norms on the pieces' device.
 
         The per-layer sums are made where the pieces live; only that small vector (``len(lists)`` floats
         per layer) moves to the collective's device and back when the group has no backend for the pieces'
         device (ZeRO-Offload and FSDP2 CPU offload keep fp32 partitions on the CPU under NCCL).
         """
-        device = partial.device
+        device = squares.device
         layers = self._layer_index.get(device)
         if layers is None:  # built once per layout: no host-to-device copy on later steps
             layers = self._layer_index[device] = torch.tensor(self.layers, dtype=torch.long, device=device)
-        sums = torch.zeros(partial.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
-        sums.index_add_(1, layers, partial.square())
+        sums = torch.zeros(squares.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
+        sums.index_add_(1, layers, squares)
         if self.layout.process_group is not None:
             sums = self.layout.all_reduce(sums)
         return sums.sqrt().index_select(1, layers)

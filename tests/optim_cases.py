@@ -124,6 +124,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             exclude_1d=True,
             adapt_excluded=True,
             foreach=None,
+            fused=None,
         ),
         required={"lr": 0.1},
         inputs=(
@@ -188,6 +189,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             exclude_1d=True,
             adapt_excluded=False,
             foreach=None,
+            fused=None,
         ),
         required={},
         inputs=(
@@ -242,6 +244,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             degenerated_to_sgd=False,
             adapt_excluded=False,
             foreach=None,
+            fused=None,
         ),
         required={},
         inputs=(

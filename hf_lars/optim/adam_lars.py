@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.fused import check_fused, fused_adam_lars
 from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
@@ -18,7 +19,7 @@ from hf_lars.optim.moments import (
     step_scalars,
 )
 from hf_lars.optim.trust import adam_trust_ratio, trust_ratio_step
-from hf_lars.optim.working_copies import StepTensors
+from hf_lars.optim.working_copies import StepTensors, active_inv_scale
 
 __all__ = ["AdamLARS", "adam_lars", "check_betas", "check_trust_bounds"]
 
@@ -72,6 +73,8 @@ class AdamLARS(TrustRatioOptimizer):
         adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
             plain Adam step at ``lr``; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class AdamLARS(TrustRatioOptimizer):
         adapt_excluded: bool = False,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -100,10 +104,12 @@ class AdamLARS(TrustRatioOptimizer):
             exclude_1d=exclude_1d,
             adapt_excluded=adapt_excluded,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
@@ -145,6 +151,7 @@ class AdamLARS(TrustRatioOptimizer):
             trust_clip=group["trust_clip"],
             trust_bounds=group["trust_bounds"],
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -167,8 +174,18 @@ def adam_lars(
     trust_clip: bool,
     trust_bounds: tuple[float, float] | None,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
-    """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers."""
+    """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
+
+    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_adam_lars` (same result).
+    """
+    if fused:
+        return fused_adam_lars(
+            params, grads, exp_avgs, exp_avg_sqs, steps, layout, adapt, decay, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, trust_clip=trust_clip,
+            trust_bounds=trust_bounds, inv_scale=active_inv_scale(),
+        )
     work = StepTensors(params, grads, layout)
     increment_steps(steps, foreach)
     w = work.pieces(work.weights)

@@ -9,8 +9,9 @@ from torch import Tensor
 
 from hf_lars.layout import PieceSubset, StepLayout, expand_scalars
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
-from hf_lars.optim.trust import lars_trust_ratio
-from hf_lars.optim.working_copies import StepTensors
+from hf_lars.optim.fused import check_fused, fused_lars
+from hf_lars.optim.trust import lars_trust_ratio, ratio_weight_decay
+from hf_lars.optim.working_copies import StepTensors, active_inv_scale
 
 __all__ = ["LARS", "lars"]
 
@@ -49,6 +50,8 @@ class LARS(TrustRatioOptimizer):
         exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
         adapt_excluded: excluded layers take the trust ratio (default True for LARS; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class LARS(TrustRatioOptimizer):
         adapt_excluded: bool = True,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -77,10 +81,12 @@ class LARS(TrustRatioOptimizer):
             exclude_1d=exclude_1d,
             adapt_excluded=adapt_excluded,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
@@ -123,6 +129,7 @@ class LARS(TrustRatioOptimizer):
             nesterov=group["nesterov"],
             trust_clip=group["trust_clip"],
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -142,12 +149,20 @@ def lars(
     nesterov: bool,
     trust_clip: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
     """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers.
 
     ``adapt`` and ``decay`` say per piece whether it takes the trust ratio and weight decay (a decayed piece
-    is always adapted).
+    is always adapted).  ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_lars`
+    (same result).
     """
+    if fused:
+        return fused_lars(
+            params, grads, momentum_buffers, layout, adapt, decay, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+            trust_clip=trust_clip, inv_scale=active_inv_scale(),
+        )
     work = StepTensors(params, grads, layout)
     w, g = work.pieces(work.weights), work.pieces(work.grads)
     bufs = work.state_pieces(momentum_buffers) if momentum > 0 else [None] * len(w)
@@ -276,8 +291,5 @@ def _ratios(
     A group that mixes decayed and excluded-but-adapted pieces (LARS's default: biases adapted, not decayed)
     takes one per-piece weight-decay vector, made once per subset: one ratio computation either way.
     """
-    if weight_decay == 0 or all(decays) or not any(decays):
-        wd: float | Tensor = weight_decay if any(decays) else 0.0
-    else:
-        wd = sub.constant([weight_decay if dec else 0.0 for dec in decays], norms.device)
+    wd = ratio_weight_decay(sub, decays, weight_decay, norms.device)
     return lars_trust_ratio(norms[0], norms[1], trust_coefficient, wd, eps, trust_clip)

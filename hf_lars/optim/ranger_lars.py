@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout, expand_scalars
 from hf_lars.optim.base import TrustRatioOptimizer, check_range
+from hf_lars.optim.fused import check_fused, fused_ranger_lars
 from hf_lars.optim.moments import (
     adam_direction,
     adam_direction_piece,
@@ -19,7 +20,7 @@ from hf_lars.optim.moments import (
 )
 from hf_lars.optim.adam_lars import check_betas
 from hf_lars.optim.trust import adam_trust_ratio, apply_update, trust_ratio_step
-from hf_lars.optim.working_copies import StepTensors
+from hf_lars.optim.working_copies import StepTensors, active_inv_scale
 
 __all__ = ["RangerLARS", "ranger_lars", "radam_rectification", "centralize_gradient"]
 
@@ -74,6 +75,8 @@ class RangerLARS(TrustRatioOptimizer):
         adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
             plain RAdam step at ``lr``; a group key overrides).
         foreach: use the foreach implementation; ``None`` picks the faster one for the device.
+        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
+            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class RangerLARS(TrustRatioOptimizer):
         adapt_excluded: bool = False,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -106,12 +110,14 @@ class RangerLARS(TrustRatioOptimizer):
             degenerated_to_sgd=degenerated_to_sgd,
             adapt_excluded=adapt_excluded,
             foreach=foreach,
+            fused=fused,
         )
         # The centred gradients of a ZeRO step, from _prepare_group to _step_group (one group at a time).
         self._centred_grads: list[Tensor] | None = None
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
+        check_fused(group)
         check_range("lr", group["lr"], 0.0)
         check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
@@ -181,6 +187,7 @@ class RangerLARS(TrustRatioOptimizer):
             degenerated_to_sgd=group["degenerated_to_sgd"],
             centred=centred is not None,
             foreach=foreach,
+            fused=bool(group["fused"]),
         )
 
 
@@ -233,6 +240,7 @@ def ranger_lars(
     degenerated_to_sgd: bool = False,
     centred: bool = False,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[list[int], Tensor] | None:
     """Functional RangerLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
 
@@ -240,7 +248,15 @@ def ranger_lars(
     before the step by :meth:`RangerLARS._prepare_group`).  While a tensor is unrectified its trust-ratio
     step is scaled by 0 (a 0/1 mask on the device, no host sync); ``degenerated_to_sgd`` adds
     ``-lr * m^`` there instead.  The ratios reported for such steps are those of ``u = m^ + wd * w``.
+    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_ranger_lars` (same result).
     """
+    if fused:
+        return fused_ranger_lars(
+            params, grads, exp_avgs, exp_avg_sqs, slow_buffers, steps, layout, adapt, decay, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, use_gc=use_gc, k=k, alpha=alpha,
+            rectify_threshold=rectify_threshold, degenerated_to_sgd=degenerated_to_sgd, centred=centred,
+            centre_rows=centralize_gradient, inv_scale=active_inv_scale(),
+        )
     work = StepTensors(params, grads, layout)
     tensor_by_tensor = not foreach and layout.trivial
     centre = [use_gc and not centred and g.ndim > 1 for g in work.grads]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout, expand_scalars
+from hf_lars.layout import PieceSubset, StepLayout, expand_scalars
 
-__all__ = ["lars_trust_ratio", "adam_trust_ratio", "trust_ratio_step", "apply_update"]
+__all__ = ["lars_trust_ratio", "ratio_weight_decay", "adam_trust_ratio", "trust_ratio_step", "apply_update"]
 
 
 def _safe_ratio(num: Tensor, den: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -28,6 +28,21 @@ def _safe_ratio(num: Tensor, den: Tensor, w_norm: Tensor, other_norm: Tensor) ->
     ratio = (num / den).masked_fill_(w_norm * other_norm == 0, 1.0)
     total = w_norm + other_norm
     return ratio.masked_fill_(total - total != 0, float("nan"))
+
+
+def ratio_weight_decay(
+    sub: PieceSubset, decays: list[bool], weight_decay: float, device: torch.device
+) -> float | Tensor:
+    """The weight decay inside LARS's ratio for the pieces of ``sub``: 0 on pieces that do not decay.
+
+    One number when every piece agrees (all decay, none does, or ``weight_decay == 0``); otherwise one
+    per-piece vector made once per subset (:meth:`PieceSubset.constant`: no host-to-device copy per step),
+    so a group mixing both (LARS's default: biases adapted, not decayed) still takes one ratio computation.
+    The eager and the fused LARS share this choice.
+    """
+    if weight_decay == 0 or all(decays) or not any(decays):
+        return weight_decay if any(decays) else 0.0
+    return sub.constant([weight_decay if dec else 0.0 for dec in decays], device)
 
 
 def lars_trust_ratio(

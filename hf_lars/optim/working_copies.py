@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout
 
-__all__ = ["StepTensors", "unscaled_gradients"]
+__all__ = ["StepTensors", "active_inv_scale", "unscaled_gradients"]
 
 # The inverse loss scale of the step in progress (None: gradients carry no scale); set by the base class's
 # step() from GradScaler's ``grad_scale`` for the duration of one group's update.
@@ -35,6 +35,15 @@ def unscaled_gradients(grad_scale: Tensor | None) -> Iterator[None]:
         yield
     finally:
         _inv_scale = previous
+
+
+def active_inv_scale() -> Tensor | None:
+    """The inverse loss scale of the step in progress (inside :func:`unscaled_gradients`), else ``None``.
+
+    For step implementations that read gradients without :class:`StepTensors` (the fused path multiplies
+    by it inside its compiled passes).
+    """
+    return _inv_scale
 
 
 def _unscale(grads: list[Tensor], originals: Sequence[Tensor], inv_scale: Tensor) -> list[Tensor]:
