@@ -352,3 +352,21 @@ def test_grad_scaler_fused_equals_eager(name: str) -> None:
             assert_close_scaled(sb[p][key], sa[p][key], RTOL, f"{name} state {key}")
     if name == "RangerLARS":
         assert all(float(s["step"]) == 3 for s in opts[1].state.values())  # the skipped step is not counted
+
+
+@pytest.mark.parametrize(("name", "desc"), [("LARS", "nesterov"), ("AdamLARS", "trust_bounds")])
+def test_nan_gradient_gives_a_nan_ratio_as_eager(name: str, desc: str) -> None:
+    """A NaN in one layer's gradient: that layer's fused ratio is NaN (never a healthy 1), as the eager one
+    is, and the other layers' ratios are unchanged (the eager NaN-aware ratio functions, traced)."""
+    runs = _pair(name, desc, torch.float32)  # the functions test_fused_matches_eager compiled
+    grads = [g.float() for g in make_grads(1, special=False)]
+    grads[0][0, 0] = float("nan")  # fc1.weight
+    for run in runs:
+        run.set_grads(grads)
+        run.opt.step()
+    ra, rb = runs[0].opt.trust_ratios(), runs[1].opt.trust_ratios()
+    assert ra.keys() == rb.keys()
+    assert torch.isnan(ra["fc1.weight"]) and torch.isnan(rb["fc1.weight"])
+    for key in ra:
+        if key != "fc1.weight":
+            assert abs(float(rb[key]) - float(ra[key])) <= RTOL * max(abs(float(ra[key])), 1.0), key
