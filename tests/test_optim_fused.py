@@ -370,3 +370,14 @@ def test_nan_gradient_gives_a_nan_ratio_as_eager(name: str, desc: str) -> None:
     for key in ra:
         if key != "fc1.weight":
             assert abs(float(rb[key]) - float(ra[key])) <= RTOL * max(abs(float(ra[key])), 1.0), key
+
+
+def test_fused_ranger_lars_without_the_gc_function_is_an_error() -> None:
+    """The functional entry needs the package's GC function when it centres (no second copy of GC's math)."""
+    w = [torch.zeros(2, 3)]
+    layout = StepLayout([TensorLayout.of_layer(0, w[0])], 1)
+    z = [torch.zeros(2, 3)]
+    with pytest.raises(ValueError, match=r"use_gc=True needs centre_rows; pass centre_rows=centralize_gradient"):
+        fused.fused_ranger_lars(w, z, z, z, z, [torch.zeros(())], layout, [True], [True], lr=0.1, beta1=0.9,
+                                beta2=0.999, eps=1e-6, weight_decay=0.0, use_gc=True, k=2, alpha=0.5,
+                                rectify_threshold=5.0)

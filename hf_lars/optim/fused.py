@@ -466,7 +466,10 @@ def fused_ranger_lars(
     inv_scale = _on(inv_scale, w[0])
     gc = use_gc and not centred
     if gc and centre_rows is None:
-        raise ValueError("fused_ranger_lars: use_gc=True needs centre_rows (ranger_lars.centralize_gradient)")
+        raise ValueError(
+            "fused_ranger_lars: use_gc=True needs centre_rows; pass centre_rows=centralize_gradient "
+            "(hf_lars.optim.ranger_lars), or use_gc=False"
+        )
     centre = [gc and gi.ndim > 1 for gi in g]
     if gc and not all(lay.whole_rows for lay in layout.layouts):
         g = [_grad32(gi, inv_scale) for gi in g]
@@ -482,6 +485,7 @@ def fused_ranger_lars(
     sync = layout.per_piece((torch.remainder(t, k) == 0).to(t.dtype))
     return _adam_form_step(
         layout, adapt, decay, w, g, layout.local(exp_avgs), layout.local(exp_avg_sqs), layout.local(slow_buffers),
-        den, s * rectified * -lr, fallback, sync, centre, centre_rows, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_clip=False,
-        trust_bounds=None, alpha=alpha, inv_scale=inv_scale, found_inf=found_inf,
+        den, s * rectified * -lr, fallback, sync, centre, centre_rows, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, trust_clip=False, trust_bounds=None, alpha=alpha, inv_scale=inv_scale,
+        found_inf=found_inf,
     )
