@@ -5,8 +5,8 @@ on-disk cache makes later runs faster), so the cases are the reference inputs wh
 (the branches the generated code takes: weight decay on some pieces only, an ``excluded=True`` group,
 Nesterov, no momentum, trust clip/bounds, no bias correction, GC, RangerLARS's unrectified phase with and
 without ``degenerated_to_sgd``, several param groups), and later tests reuse functions compiled by earlier
-ones.  Measured on the 2-core VM (shared with two other jobs): 27 tests in ~35 s with inductor's disk cache
-warm.
+ones.  Measured on the 2-core VM (shared with two other jobs): 30 tests in ~35 s with inductor's disk cache
+warm, ~140 s cold (empty ``TORCHINDUCTOR_CACHE_DIR``, load average ~2).
 
 Tolerances: fused vs eager on fp32 parameters ``RTOL = 1e-6`` of each tensor's scale after 10 steps
 (measured ~1e-7: inductor orders a few operations differently, e.g. sums of squares instead of norms); the
