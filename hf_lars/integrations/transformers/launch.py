@@ -123,11 +123,11 @@ def prepare_cpu_process_state(args: Any) -> bool:
     Only when DeepSpeed is configured (``args.deepspeed``), ``WORLD_SIZE > 1``, no accelerator is present and no
     Accelerate state exists yet: that is the one case where Trainer would otherwise count one process.
     """
-    from accelerate.state import is_initialized
+    from hf_lars.integrations.transformers.patches import process_state_exists
 
     if not getattr(args, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if accelerator_present() or is_initialized():
+    if accelerator_present() or process_state_exists():
         return False
     if not _set_use_configured_state(args):
         return False

@@ -22,7 +22,7 @@ what                                                           why
 ``__annotations__``                                             reads fields + hints, ``__init__`` takes them
 ``TrainingArguments.accelerator_config`` accepts a dict with    set on a multi-process CPU DeepSpeed launch
 ``use_configured_state`` (read in ``_setup_devices``)           after creating Accelerate's gloo state first
-``accelerate.state.is_initialized``                             a state the script made is never replaced
+``accelerate.state.PartialState._shared_state``                 a process state the script made is never replaced
 ``Trainer._created_lr_scheduler``                               set when we build the scheduler, as Trainer does
 ``state.log_history[-1]`` is the current log in ``on_log``      callbacks complete it (``trainer_state.json``)
 ``Trainer.get_decay_parameter_names`` reads nothing of ``self``  Trainer's decay rule for loops without a Trainer
@@ -56,6 +56,7 @@ __all__ = [
     "mark_scheduler_created",
     "trainer_decay_parameter_names",
     "complete_last_log_entry",
+    "process_state_exists",
 ]
 
 #: The transformers versions :func:`check_transformers_version` accepts.
@@ -64,7 +65,7 @@ SUPPORTED_TRANSFORMERS = ">=4.46,<6"
 TESTED_TRANSFORMERS: tuple[str, ...] = ("5.23", "5.24")
 _MIN_VERSION, _MAX_VERSION = Version("4.46"), Version("6")
 
-#: Every transformers object this module relies on, as ``(dotted name, what it must be)``.
+#: Every transformers (and Accelerate) object this module relies on, as ``(dotted name, what it must be)``.
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.training_args.OptimizerNames._member_map_", "dict"),
     ("transformers.training_args.OptimizerNames._value2member_map_", "dict"),
@@ -82,6 +83,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.TrainingArguments.__dataclass_fields__", "dict"),
     ("transformers.TrainingArguments.__annotations__", "dict"),
     ("transformers.TrainingArguments.accelerator_config", "field"),
+    ("accelerate.state.PartialState._shared_state", "dict"),
 )
 
 _PATCH_MARK = "__hf_lars_original__"
@@ -93,9 +95,11 @@ def _installed_version() -> str:
 
 def _resolve(dotted: str) -> Any:
     """The object at ``dotted`` (a class attribute is read from the class ``__dict__`` chain), or ``None``."""
+    import accelerate.state
     from transformers import optimization, trainer_utils, training_args
 
     modules = {
+        "accelerate.state": accelerate.state,
         "transformers.training_args": training_args,
         "transformers.trainer_utils": trainer_utils,
         "transformers.optimization": optimization,
@@ -254,3 +258,11 @@ def complete_last_log_entry(state: Any, logs: Mapping[str, Any], stats: Mapping[
         entry = state.log_history[-1]
         if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
             entry.update(stats)
+
+
+# ------------------------------------------------------------------------------------ Accelerate state
+def process_state_exists() -> bool:
+    """Whether Accelerate's ``PartialState`` was created in this process (without creating one)."""
+    from accelerate.state import PartialState
+
+    return bool(PartialState._shared_state)
