@@ -115,9 +115,8 @@ def run_script(argv: Sequence[str]) -> int:
 
         try:
             set_launch_lr_scaling(**scaling)
-        except ValueError as err:
-            print(f"hf-lars run: {err}", file=sys.stderr)
-            return 2
+        except ValueError as err:  # before the script runs, as for a malformed value above
+            raise SystemExit(f"hf-lars run: {err}") from None
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:

@@ -118,17 +118,30 @@ def _set_use_configured_state(args: Any) -> bool:
 
 
 def prepare_cpu_process_state(args: Any) -> bool:
-    """Create Accelerate's gloo DeepSpeed state for ``args`` on a multi-process CPU launch; whether it did.
+    """Set up ``args`` for a multi-process launch on a machine without an accelerator; whether it changed them.
 
-    Only when DeepSpeed is configured (``args.deepspeed``), ``WORLD_SIZE > 1``, no accelerator is present and no
-    Accelerate state exists yet: that is the one case where Trainer would otherwise count one process.
+    Only when ``WORLD_SIZE > 1``, no accelerator is present and no Accelerate state exists yet (those are the
+    cases where Trainer would otherwise count one process per rank):
+
+    - without DeepSpeed: ``args.use_cpu = True`` (Trainer then builds Accelerate's CPU state, distributed
+      over gloo; without it every rank trains alone and believes it is process zero);
+    - with DeepSpeed (``args.deepspeed``): Accelerate's DeepSpeed state over gloo, created now, and
+      ``accelerator_config.use_configured_state`` so Trainer keeps it.
     """
     from hf_lars.integrations.transformers.patches import process_state_exists
 
-    if not getattr(args, "deepspeed", None) or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or accelerator_present() or process_state_exists():
         return False
-    if accelerator_present() or process_state_exists():
-        return False
+    if not getattr(args, "deepspeed", None):
+        if args.use_cpu:
+            return False
+        args.use_cpu = True
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            logger.warning(
+                "hf_lars: no accelerator: use_cpu=True so Trainer runs the %s processes as one job over gloo",
+                os.environ.get("WORLD_SIZE"),
+            )
+        return True
     if not _set_use_configured_state(args):
         return False
     from hf_lars.integrations.distributed import init_cpu_distributed_state
