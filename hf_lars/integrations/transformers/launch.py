@@ -127,13 +127,17 @@ def prepare_cpu_process_state(args: Any) -> bool:
       over gloo; without it every rank trains alone and believes it is process zero);
     - with DeepSpeed (``args.deepspeed``): Accelerate's DeepSpeed state over gloo, created now, and
       ``accelerator_config.use_configured_state`` so Trainer keeps it.
+
+    ``accelerate launch`` with a DeepSpeed YAML (``ACCELERATE_USE_DEEPSPEED``) already gets this right.
     """
     from hf_lars.integrations.transformers.patches import process_state_exists
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or accelerator_present() or process_state_exists():
         return False
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not getattr(args, "deepspeed", None):
+        return False  # `accelerate launch` with a DeepSpeed YAML: Accelerate sets its state up itself
     if not getattr(args, "deepspeed", None):
-        if args.use_cpu:
+        if args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
             return False
         args.use_cpu = True
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
