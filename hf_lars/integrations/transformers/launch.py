@@ -123,19 +123,18 @@ def prepare_cpu_process_state(args: Any) -> bool:
     Only when ``WORLD_SIZE > 1``, no accelerator is present and no Accelerate state exists yet (those are the
     cases where Trainer would otherwise count one process per rank):
 
-    - without DeepSpeed: ``args.use_cpu = True`` (Trainer then builds Accelerate's CPU state, distributed
-      over gloo; without it every rank trains alone and believes it is process zero);
-    - with DeepSpeed (``args.deepspeed``): Accelerate's DeepSpeed state over gloo, created now, and
-      ``accelerator_config.use_configured_state`` so Trainer keeps it.
-
-    ``accelerate launch`` with a DeepSpeed YAML (``ACCELERATE_USE_DEEPSPEED``) already gets this right.
+    - without ``--deepspeed`` (DDP, or ``accelerate launch`` with a DeepSpeed YAML, which says so in
+      ``ACCELERATE_USE_DEEPSPEED``): ``args.use_cpu = True``; Trainer then builds Accelerate's CPU state,
+      distributed over gloo (without it each DDP rank trains alone and believes it is process zero, and
+      DeepSpeed's batch check counts one process);
+    - with ``--deepspeed`` (``torchrun``, the ``deepspeed`` launcher): Accelerate's DeepSpeed state over gloo,
+      created now, and ``accelerator_config.use_configured_state`` so Trainer keeps it (``use_cpu`` would not
+      do: Trainer then builds a non-DeepSpeed state and DeepSpeed's batch check fails).
     """
     from hf_lars.integrations.transformers.patches import process_state_exists
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or accelerator_present() or process_state_exists():
         return False
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not getattr(args, "deepspeed", None):
-        return False  # `accelerate launch` with a DeepSpeed YAML: Accelerate sets its state up itself
     if not getattr(args, "deepspeed", None):
         if args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
             return False
