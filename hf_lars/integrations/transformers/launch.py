@@ -6,11 +6,12 @@ before any data or model work:
 
 - ``--deepspeed zero3``: a name stands for the config shipped with hf_lars when no such file exists
   (:func:`hf_lars.integrations.deepspeed.resolve_config`).
-- On a multi-process launch (``torchrun``, the ``deepspeed`` launcher) with DeepSpeed and no accelerator:
-  Accelerate's process state over gloo, created first, and ``accelerator_config.use_configured_state``, so
-  Trainer and DeepSpeed see every process (otherwise ``train_batch_size`` counts one process and
-  ``from_pretrained`` under ZeRO-3's ``zero.Init`` asserts).  One log line says so.  Nothing changes when an
-  accelerator is present, or when the script configured the state itself.
+- On a multi-process launch with no accelerator: with ``--deepspeed``, Accelerate's DeepSpeed state over
+  gloo, created first, and ``accelerator_config.use_configured_state``; otherwise ``use_cpu=True``
+  (:func:`prepare_cpu_process_state`), so Trainer and DeepSpeed see every process (otherwise
+  ``train_batch_size`` counts one process and ``from_pretrained`` under ZeRO-3's ``zero.Init`` asserts, and
+  DDP ranks train alone).  One log line says which.  Nothing changes when an accelerator is present, or when
+  the script configured the state itself.
 - ``--optim_args`` of an hf_lars ``--optim`` parsed by the one parser that builds the optimizer
   (:func:`~hf_lars.integrations.transformers.factory.optimizer_cls_and_kwargs`), and the optimizer's own
   range checks run on a dummy tensor.
