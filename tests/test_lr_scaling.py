@@ -226,8 +226,8 @@ def test_hf_lars_run_takes_lr_scaling_flags_for_plain_training_arguments(tmp_pat
         assert json.loads(out.read_text())["lr"] == pytest.approx(0.1)
         with pytest.raises(SystemExit, match="invalid value for --lr_scaling_ref_batch"):
             run_script([str(script), str(out), *common, "--lr_scaling", "linear", "--lr_scaling_ref_batch", "x"])
-        # surge without --b_noise: the error names what is missing
-        with pytest.raises(ValueError, match="b_noise"):
+        # surge without --b_noise: the error names what is missing, before the script runs
+        with pytest.raises(SystemExit, match="hf-lars run: lr_scaling='surge' needs b_noise"):
             run_script([str(script), str(out), *common, "--lr_scaling", "surge", "--lr_scaling_ref_batch", "8"])
     finally:
         if not was_registered:

@@ -8,6 +8,7 @@ The 2-process DDP version runs ``tests/dist/ns_ddp.py`` under ``torchrun``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -325,3 +326,30 @@ def test_surge_sweep_quick(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (out / "surge_fit.png").stat().st_size > 10_000
     assert (out / "surge_best.csv").read_text().startswith("batch_size,best_lr")
     assert summary["online_b_noise_ref"]["batch_size"] == 8
+
+
+def test_trainer_checkpoint_resume_continues_the_emas_exactly(tmp_path) -> None:
+    """Saved at step 3 (between logging steps 2 and 4), resumed to step 6: the same EMAs as one straight run."""
+    common = dict(save_strategy="steps", save_steps=3, logging_steps=2)
+    straight, cb_straight = _train(tmp_path / "straight", GaussianGradModel(), steps=6, accum=2, **common)
+    saved = json.loads((tmp_path / "straight" / "checkpoint-3" / "trainer_state.json").read_text())
+    stored = saved["stateful_callbacks"]["GradientNoiseScaleCallback"]["attributes"]["monitor_state"]
+    assert stored["steps"] == 3  # the step after the last log (2) is folded in before the save
+
+    args = TrainingArguments(**training_args(str(tmp_path / "resumed"), max_steps=6, gradient_accumulation_steps=2,
+                                             **common))
+    trainer = Trainer(model=GaussianGradModel(), args=args, train_dataset=GaussianData(6 * 2 * 8, seed=7))
+    cb_resumed = add_noise_scale_callback(trainer, GradientNoiseScaleCallback())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
+    assert cb_resumed.monitor.state_dict() == pytest.approx(cb_straight.monitor.state_dict(), rel=1e-6)
+    assert cb_resumed.monitor.state_dict()["steps"] == 6
+
+
+def test_callback_state_round_trip() -> None:
+    """``ExportableState``: the constructor arguments and the EMAs, restored by Trainer's own mechanism too."""
+    callback = GradientNoiseScaleCallback(beta=0.9)
+    exported = callback.state()
+    assert exported == {"args": {"beta": 0.9, "keep_history": False}, "attributes": {"monitor_state": None}}
+    rebuilt = GradientNoiseScaleCallback(**exported["args"])
+    rebuilt.monitor_state = {"beta": 0.9, "steps": 4, "ema_g2": 1.0, "ema_trace": 2.0}
+    assert rebuilt.state()["attributes"]["monitor_state"]["steps"] == 4

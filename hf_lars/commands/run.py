@@ -7,6 +7,13 @@ as usual::
 
     torchrun --nproc_per_node 8 -m hf_lars run run_clm.py --optim adam_lars ...
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m hf_lars run run_clm.py --optim lars ...
+    torchrun --nproc_per_node 2 -m hf_lars run run_clm.py --deepspeed zero3 --optim lars ...
+
+What :func:`hf_lars.register` adds for such scripts (see :mod:`hf_lars.integrations.transformers.launch`):
+``--deepspeed zero3`` names a config shipped with hf_lars, a CPU-only multi-process DeepSpeed launch gets
+Accelerate's gloo process state (one log line says so), and ``--optim_args`` / ``--lr_scaling`` mistakes fail
+at argument parsing.  When the script returns, successfully, a process group that is still open is closed (after a barrier),
+as DeepSpeed's CPU runs otherwise sometimes abort at exit.
 """
 
 from __future__ import annotations
@@ -106,7 +113,10 @@ def run_script(argv: Sequence[str]) -> int:
     if scaling:
         from hf_lars.integrations.transformers import set_launch_lr_scaling
 
-        set_launch_lr_scaling(**scaling)
+        try:
+            set_launch_lr_scaling(**scaling)
+        except ValueError as err:  # before the script runs, as for a malformed value above
+            raise SystemExit(f"hf-lars run: {err}") from None
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     try:
@@ -120,7 +130,10 @@ def run_script(argv: Sequence[str]) -> int:
             sys.path.insert(0, os.path.dirname(path))  # what `python SCRIPT.py` does
             runpy.run_path(path, run_name="__main__")
     except SystemExit as err:
-        return _exit_code(err)
+        code = _exit_code(err)
+        if code == 0:
+            _close_process_group()
+        return code
     finally:
         if scaling:
             from hf_lars.integrations.transformers import set_launch_lr_scaling
@@ -128,4 +141,14 @@ def run_script(argv: Sequence[str]) -> int:
             set_launch_lr_scaling("none")
         sys.argv = saved_argv
         sys.path[:] = saved_path
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """``barrier`` + ``destroy_process_group`` if the script left one open (clean exit of every rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

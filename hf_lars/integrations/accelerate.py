@@ -28,11 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lars.integrations.distributed import init_cpu_distributed_state, is_sharded
+from hf_lars.integrations.deepspeed import resolve_accelerate_config_env
+from hf_lars.integrations.distributed import init_cpu_distributed_state, is_sharded, refuse_fsdp1
 from hf_lars.integrations.trust_ratios import TrustRatioLogger
 from hf_lars.registry import create_optimizer
 
-__all__ = ["create_optimizer_and_scheduler", "TrustRatioLogger", "is_sharded", "init_cpu_distributed_state"]
+__all__ = [
+    "create_optimizer_and_scheduler",
+    "TrustRatioLogger",
+    "is_sharded",
+    "init_cpu_distributed_state",
+    "resolve_accelerate_config_env",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +69,14 @@ def create_optimizer_and_scheduler(
         weight_decay: decay of the decay group (``None``: the class default).
         power, lr_end, warmup, warmup_start: the schedule's shape (see :mod:`hf_lars.schedule`).
         optimizer_kwargs: any other constructor argument (``trust_coefficient=...``, ``betas=...``).
+
+    Raises:
+        ValueError: ``model`` is wrapped in FSDP1 (use FSDP2, see
+            :func:`~hf_lars.integrations.distributed.refuse_fsdp1`).
     """
     from hf_lars.schedule import get_warmup_poly_schedule
 
+    refuse_fsdp1(model)
     kwargs = dict(optimizer_kwargs)
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay

@@ -6,8 +6,15 @@
 * :func:`check_config` finds settings that would lose or break an hf_lars optimizer (ZeRO-Offload silently
   swapping it for ``DeepSpeedCPUAdam``, a missing ``zero_allow_untested_optimizer``, an unknown or
   misspelt ``"type"``, parameters the optimizer does not take) and says how to fix each.
-* CPU runs under DeepSpeed need Accelerate's state over gloo first:
-  :func:`hf_lars.integrations.distributed.init_cpu_distributed_state` ``(deepspeed=True)``.
+* :func:`shipped_config` / :func:`resolve_config`: the configs shipped in the package
+  (``hf_lars/ds_configs/*.json``) by name, so ``--deepspeed zero3`` (Trainer, after ``register()``) and
+  ``deepspeed_config_file: zero2`` (the accelerate YAMLs) work from any directory.
+* After :func:`register`, ``deepspeed.initialize`` with an ``"optimizer": {"type": ...}`` DeepSpeed cannot
+  resolve gets :func:`check_config`'s message (a ``ValueError`` naming the valid names) instead of
+  DeepSpeed's bare ``AssertionError``; see :mod:`hf_lars.integrations.deepspeed_patches`.
+* CPU runs under DeepSpeed need Accelerate's state over gloo first: ``register()`` creates it when
+  ``TrainingArguments(deepspeed=...)`` are built on a multi-process CPU launch
+  (:func:`hf_lars.integrations.distributed.init_cpu_distributed_state`).
 
 How DeepSpeed 0.19 resolves ``"type"`` (``deepspeed/runtime/engine.py``): names of its own optimizers
 (``adam``, ``adamw``, ``lamb``, ``lion``, ...; matched case-insensitively in ``runtime/config.py``) build
@@ -24,9 +31,11 @@ This module imports DeepSpeed only inside :func:`check_config`'s optional checks
 from __future__ import annotations
 
 import difflib
+import importlib.resources
+import importlib.util
 import json
 import logging
-import sys
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +47,11 @@ __all__ = [
     "unregister",
     "registered_names",
     "check_config",
+    "check_optimizer_type",
+    "shipped_configs",
+    "shipped_config",
+    "resolve_config",
+    "resolve_accelerate_config_env",
     "DEEPSPEED_OWN_OPTIMIZERS",
 ]
 
@@ -113,16 +127,18 @@ def register() -> tuple[str, ...]:
 
     Adds a factory per spelling to the ``torch.optim`` namespace (see the module docstring).  Idempotent;
     never replaces an attribute ``torch.optim`` already has (a clash is logged and skipped).  If DeepSpeed is
-    already imported, also installs :mod:`hf_lars.integrations.deepspeed_patches` (the stage-0 zero-gradient
-    step at ``initialize`` becomes a state initialisation); the JSON factories install it when called.
+    installed, also installs :mod:`hf_lars.integrations.deepspeed_patches`: the stage-0 zero-gradient step at
+    ``initialize`` becomes a state initialisation, and ``deepspeed.initialize`` checks an hf_lars-looking
+    optimizer ``"type"`` first.
 
     Returns:
         The spellings now registered.
     """
-    if "deepspeed" in sys.modules:  # importing DeepSpeed here would cost seconds for every Trainer user
+    if importlib.util.find_spec("deepspeed") is not None:
         from hf_lars.integrations import deepspeed_patches
 
         deepspeed_patches.install()
+        deepspeed_patches.wrap_initialize(check_optimizer_type)
     done = []
     for spelling, name in registered_names().items():
         current = getattr(torch.optim, spelling, None)
@@ -136,10 +152,71 @@ def register() -> tuple[str, ...]:
 
 
 def unregister() -> None:
-    """Remove what :func:`register` added to ``torch.optim`` (nothing else)."""
+    """Remove what :func:`register` added to ``torch.optim`` and the ``deepspeed.initialize`` check."""
+    from hf_lars.integrations import deepspeed_patches
+
+    deepspeed_patches.unwrap_initialize()
     for spelling in list(vars(torch.optim)):
         if getattr(getattr(torch.optim, spelling), _MARK, False):
             delattr(torch.optim, spelling)
+
+
+# ---------------------------------------------------------------------------------- shipped configs
+_ACCELERATE_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """``{name: path}`` of the DeepSpeed configs shipped in the package (``zero1``, ``zero2``, ``zero3``, ...)."""
+    folder = importlib.resources.files("hf_lars") / "ds_configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=str) if str(p).endswith(".json")}
+
+
+def shipped_config(name: str) -> Path:
+    """The path of the shipped config ``name`` (``"zero2"``, ``"zero2.json"`` or ``"ds_configs/zero2.json"``).
+
+    Raises:
+        ValueError: no shipped config has that name (the valid names are listed).
+    """
+    configs = shipped_configs()
+    stem = Path(name).name
+    stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+    if stem not in configs or Path(name).parent.name not in ("", "ds_configs"):
+        raise ValueError(
+            f"{name!r} is neither an existing DeepSpeed config file nor a config shipped with hf_lars; shipped: "
+            f"{', '.join(configs)} (e.g. --deepspeed zero2), or give the path of your own JSON file"
+        )
+    return configs[stem]
+
+
+def resolve_config(value: Any) -> Any:
+    """``value`` itself unless it is a string naming no existing file; then the shipped config of that name.
+
+    A dict, an existing path and ``None`` are returned unchanged, so a user's own file always wins.
+
+    Raises:
+        ValueError: a string that is neither an existing file nor a shipped config's name.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not str(value) or Path(value).is_file():
+        return value
+    if str(value).lstrip().startswith("{"):  # inline JSON (TrainingArguments accepts a JSON string)
+        return value
+    return str(shipped_config(str(value)))
+
+
+def resolve_accelerate_config_env() -> str | None:
+    """Point ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` (set by ``accelerate launch`` from a YAML's
+    ``deepspeed_config_file``) at the shipped config when it names one and no such file exists here.
+
+    Returns:
+        The new value when it changed, else ``None``.
+    """
+    value = os.environ.get(_ACCELERATE_CONFIG_ENV)
+    if not value or value.lower() == "none" or Path(value).is_file():
+        return None
+    resolved = str(shipped_config(value))
+    os.environ[_ACCELERATE_CONFIG_ENV] = resolved
+    logger.info("hf_lars: %s=%s is the shipped config %s", _ACCELERATE_CONFIG_ENV, value, resolved)
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -235,6 +312,27 @@ def _check_params(info: Any, params: Mapping[str, Any]) -> list[str]:
         f'"optimizer.params" has {unknown} which {info.cls.__name__} does not take (Trainer fills "auto" only '
         f"for keys that are present: remove them).  {info.cls.__name__} takes: {', '.join(sorted(accepted))}."
     ]
+
+
+def check_optimizer_type(config: Mapping[str, Any] | str | Path) -> None:
+    """Raise :func:`check_config`'s ``ValueError`` when DeepSpeed cannot resolve the config's optimizer ``"type"``.
+
+    Called by the checked ``deepspeed.initialize`` (after :func:`register`) before DeepSpeed reads the config:
+    only a ``"type"`` that DeepSpeed would reject itself (neither one of its own names nor a ``torch.optim``
+    attribute) raises, so nothing DeepSpeed would accept is refused.  A config that is not a dict or a readable
+    JSON file is left to DeepSpeed.
+    """
+    try:
+        cfg = _load(config)
+    except (OSError, ValueError, TypeError):
+        return
+    section = cfg.get("optimizer") or {}
+    opt_type = section.get("type") if isinstance(section, Mapping) else None
+    if not isinstance(opt_type, str) or not opt_type:
+        return
+    if opt_type.lower() in DEEPSPEED_OWN_OPTIMIZERS or getattr(torch.optim, opt_type, None) is not None:
+        return
+    check_config(cfg)
 
 
 def check_config(config: Mapping[str, Any] | str | Path, *, client_optimizer: bool | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["ShardingEngine", "sharding_engine", "is_sharded", "init_cpu_distributed_state"]
+__all__ = ["ShardingEngine", "sharding_engine", "is_sharded", "init_cpu_distributed_state", "refuse_fsdp1"]
 
 ShardingEngine = Literal["deepspeed", "fsdp"]
 _ENGINES: dict[str, ShardingEngine] = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}
@@ -86,3 +86,27 @@ def init_cpu_distributed_state(deepspeed: bool = False) -> Any:
         return PartialState(cpu=True)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     return PartialState(backend="gloo")
+
+
+def refuse_fsdp1(model: Any) -> None:
+    """Raise ``ValueError`` when ``model`` is (or holds) an FSDP1 ``FullyShardedDataParallel`` module.
+
+    FSDP1 flattens each wrapped module's parameters into one ``FlatParameter`` shard per rank; with
+    ``use_orig_params=True`` the optimizer sees views of that shard, and hf_lars has no layout for it, so the
+    per-layer norms would be per-shard norms: silently wrong trust ratios.  FSDP2 (``fully_shard``) keeps one
+    ``DTensor`` per parameter, which hf_lars reduces exactly.
+    """
+    if model is None or not hasattr(model, "modules"):
+        return
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    flat = any(type(p).__name__ == "FlatParameter" for p in model.parameters())
+    if flat or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "hf_lars does not support FSDP1 (FullyShardedDataParallel / FlatParameter): its per-layer norms would "
+            "be computed per flat shard.  Use FSDP2: torch.distributed.fsdp.fully_shard, Accelerate's "
+            "fsdp_version: 2 (recipes/accelerate/fsdp2.yaml) or Trainer's --fsdp with fsdp_config "
+            '{"fsdp_version": 2}.'
+        )

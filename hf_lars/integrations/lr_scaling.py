@@ -36,6 +36,7 @@ __all__ = [
     "LrScalingArguments",
     "global_batch_size",
     "apply_lr_scaling",
+    "check_lr_scaling_flags",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,15 @@ def _validate(rule: str, ref_batch: Any, b_noise: Any) -> str:
         if not _is_positive_number(b_noise):
             raise ValueError(f"Invalid b_noise: {b_noise!r} (must be a positive number of examples)")
     return canon
+
+
+def check_lr_scaling_flags(lr_scaling: str, lr_scaling_ref_batch: Any = None, b_noise: Any = None) -> None:
+    """Check ``--lr_scaling`` / ``--lr_scaling_ref_batch`` / ``--b_noise`` without a run (at launch).
+
+    Raises:
+        ValueError: what :func:`apply_lr_scaling` would raise for these flags, naming the flag and the fix.
+    """
+    _validate(str(lr_scaling), lr_scaling_ref_batch, b_noise)
 
 
 def _is_main_process() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from hf_lars.integrations.callbacks import TrainingLogCallback, add_callback_first
 from hf_lars.integrations.distributed import sharding_engine
@@ -34,7 +35,7 @@ def _sync_gradients() -> bool:
     return bool(GradientState().sync_gradients)
 
 
-class GradientNoiseScaleCallback(TrainingLogCallback):
+class GradientNoiseScaleCallback(TrainingLogCallback, ExportableState):
     r"""Log the gradient noise scale ``B_simple`` at every Trainer logging step (``b_noise`` in the logs).
 
     Adds ``b_noise`` (``tr(Sigma) / |G|^2``, in examples), ``grad_sq_norm`` (EMA of ``|G|^2``) and
@@ -50,6 +51,12 @@ class GradientNoiseScaleCallback(TrainingLogCallback):
 
     Add it with :func:`add_noise_scale_callback` so that the ``report_to`` integrations see the new keys.
 
+    Checkpoints: the EMAs are saved in ``trainer_state.json`` (``stateful_callbacks``, transformers'
+    ``ExportableState``) and restored in ``on_train_begin`` of a resumed run, so it continues the estimate
+    exactly; this does not need ``restore_callback_states_from_checkpoint``.  Steps recorded since the last
+    logging step are folded in before a save (every rank, at the step's end), so nothing is lost between the
+    last log and the checkpoint.
+
     Args:
         beta: EMA coefficient (per optimizer step; 0.99 averages over about 100 steps).
         keep_history: keep every step's ``(|G_b|^2, b, |G_B|^2, B)`` in ``callback.monitor.history``.
@@ -62,6 +69,27 @@ class GradientNoiseScaleCallback(TrainingLogCallback):
         self.keep_history = keep_history
         self.monitor: GradientNoiseScaleMonitor | None = None
         self._deepspeed = False
+        # The monitor's state to restore at on_train_begin (set by Trainer's own callback restoring, if enabled).
+        self.monitor_state: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """``ExportableState``: the constructor arguments and the EMAs (``trainer_state.json``)."""
+        monitor_state = self.monitor.state_dict() if self.monitor is not None else self.monitor_state
+        return {
+            "args": {"beta": self.beta, "keep_history": self.keep_history},
+            "attributes": {"monitor_state": monitor_state},
+        }
+
+    def _saved_monitor_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """The EMAs a resumed run's ``TrainerState`` carries for this callback (``None`` on a fresh run)."""
+        if self.monitor_state is not None:
+            return self.monitor_state
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        if not isinstance(saved, Mapping):
+            return None
+        return (saved.get("attributes") or {}).get("monitor_state")
 
     def on_train_begin(
         self,
@@ -104,12 +132,38 @@ class GradientNoiseScaleCallback(TrainingLogCallback):
             big_norm="external" if self._deepspeed else "grad",
             keep_history=self.keep_history,
         )
+        saved = self._saved_monitor_state(state)
+        if saved is not None and state.global_step > 0:
+            self.monitor.load_state_dict(saved)
+            logger.info("GradientNoiseScaleCallback: resumed the EMAs at step %d (%s)", state.global_step, saved)
+        self.monitor_state = None
         if self._deepspeed:
             logger.info(
                 "GradientNoiseScaleCallback under DeepSpeed: the global gradient norm is only available as "
                 "Trainer's logged grad_norm, so b_noise gets one measurement per logging step "
                 "(logging_steps=%d)", args.logging_steps,
             )
+
+    def _fold_before_save(self) -> None:
+        # Under DeepSpeed the steps between logs have no big-batch norm and would be dropped at the next log
+        # anyway, so they are left for it; otherwise fold them now (every rank calls this at the same step).
+        if self.monitor is not None and not self._deepspeed and self.monitor.pending_steps:
+            self.monitor.compute()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # This callback runs before DefaultFlowCallback sets control.should_save: use its rule for steps.
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        due = strategy == "steps" and state.save_steps > 0 and state.global_step % state.save_steps == 0
+        if due or (strategy != "no" and state.global_step >= state.max_steps):
+            self._fold_before_save()
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "epoch":
+            self._fold_before_save()
 
     def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> dict[str, float]:
         if self.monitor is None:

@@ -4,7 +4,8 @@ Cases (results by name in the JSON):
 
 * ``config_type_<stage>``: raw ``deepspeed.initialize`` with ``"optimizer": {"type": "RangerLARS"}`` after
   ``register()`` builds hf_lars's RangerLARS and trains exactly like the same optimizer passed as a client.
-* ``misspelt``: ``"type": "RangerLRAS"``: DeepSpeed's own assertion, and ``check_config``'s listing.
+* ``misspelt``: ``"type": "RangerLRAS"``: ``deepspeed.initialize`` (checked after ``register()``) and
+  ``check_config`` both give ``check_config``'s listing.
 * ``offload_default`` / ``offload_<file>``: ZeRO-Offload with a client optimizer; without
   ``zero_force_ds_cpu_optimizer: false`` DeepSpeed refuses it, with the shipped offload configs it keeps it.
 * ``accelerate_dummy``: Accelerate (``init_cpu_distributed_state(deepspeed=True)`` first) with ``DummyOptim`` and
@@ -137,7 +138,7 @@ def misspelt_case() -> dict[str, Any]:
         model = C.make_model()
         deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
         out["deepspeed"] = "no error"
-    except Exception as err:  # DeepSpeed asserts
+    except Exception as err:  # check_config's ValueError from the checked deepspeed.initialize
         out["deepspeed"] = f"{type(err).__name__}: {err}"
     return out
 

@@ -15,7 +15,7 @@ One module per job:
 ``optim_args``      ``--optim_args "k=v,..."`` typed from the optimizer's signature
 ``factory``         (class, kwargs) from ``TrainingArguments``; Trainer's param groups; the optimizer itself
 ``scheduler``       ``warmup_poly`` for ``get_scheduler`` and for ``LarsTrainer``
-``launch``          ``hf-lars run --lr_scaling`` for scripts that build plain ``TrainingArguments``
+``launch``          what plain ``TrainingArguments`` get at build time: flag checks, ``--lr_scaling``, CPU state
 ``patches``         the only module touching transformers internals: their table, tested versions, the check
 ``registration``    :func:`register` / :func:`unregister`, built from ``patches``
 ``trainer``         :class:`LarsTrainingArguments`, :class:`LarsTrainer`

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hf_lars.integrations.callbacks import TrustRatioCallback, add_trust_ratio_callback
-from hf_lars.integrations.distributed import is_sharded
+from hf_lars.integrations.distributed import is_sharded, refuse_fsdp1
 from hf_lars.integrations.transformers.names import hf_lars_optim_name, name_value
 from hf_lars.integrations.transformers.optim_args import is_adam_form, optimizer_hyperparameters, parse_optim_args
 from hf_lars.optim import TrustRatioOptimizer
@@ -117,11 +117,16 @@ def get_optimizer_cls_and_kwargs(
 def create_optimizer(
     trainer: Any, fallback: Callable[..., torch.optim.Optimizer], *args: Any, **kwargs: Any
 ) -> torch.optim.Optimizer:
-    """``Trainer.create_optimizer``: ours for an hf_lars name when no optimizer was given, else ``fallback``."""
+    """``Trainer.create_optimizer``: ours for an hf_lars name when no optimizer was given, else ``fallback``.
+
+    An FSDP1-wrapped model is refused (:func:`~hf_lars.integrations.distributed.refuse_fsdp1`).
+    """
     if (
         trainer.optimizer is None
         and getattr(trainer, "optimizer_cls_and_kwargs", None) is None
         and hf_lars_optim_name(trainer.args.optim) is not None
     ):
+        refuse_fsdp1(getattr(trainer, "model_wrapped", None))
+        refuse_fsdp1(args[0] if args else kwargs.get("model", trainer.model))
         return create_trainer_optimizer(trainer, *args, **kwargs)
     return fallback(*args, **kwargs)

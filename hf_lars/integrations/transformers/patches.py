@@ -17,7 +17,12 @@ what                                                           why
 ``transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION``        ``get_scheduler("warmup_poly")`` builds ours
 ``Trainer.get_optimizer_cls_and_kwargs`` (a staticmethod)       wrapped: hf_lars names -> (class, kwargs)
 ``Trainer.create_optimizer``                                    wrapped: Trainer's groups for hf_lars names
-``TrainingArguments.__post_init__``                             wrapped: ``hf-lars run --lr_scaling`` at launch
+``TrainingArguments.__post_init__``                             wrapped: launch checks and set-up (:mod:`.launch`)
+``TrainingArguments.__init__``, ``__dataclass_fields__``,       ``--lr_scaling`` fields added: HfArgumentParser
+``__annotations__``                                             reads fields + hints, ``__init__`` takes them
+``TrainingArguments.accelerator_config`` accepts a dict with    set on a multi-process CPU DeepSpeed launch
+``use_configured_state`` (read in ``_setup_devices``)           after creating Accelerate's gloo state first
+``accelerate.state.PartialState._shared_state``                 a process state the script made is never replaced
 ``Trainer._created_lr_scheduler``                               set when we build the scheduler, as Trainer does
 ``state.log_history[-1]`` is the current log in ``on_log``      callbacks complete it (``trainer_state.json``)
 ``Trainer.get_decay_parameter_names`` reads nothing of ``self``  Trainer's decay rule for loops without a Trainer
@@ -51,6 +56,7 @@ __all__ = [
     "mark_scheduler_created",
     "trainer_decay_parameter_names",
     "complete_last_log_entry",
+    "process_state_exists",
 ]
 
 #: The transformers versions :func:`check_transformers_version` accepts.
@@ -59,7 +65,7 @@ SUPPORTED_TRANSFORMERS = ">=4.46,<6"
 TESTED_TRANSFORMERS: tuple[str, ...] = ("5.23", "5.24")
 _MIN_VERSION, _MAX_VERSION = Version("4.46"), Version("6")
 
-#: Every transformers object this module relies on, as ``(dotted name, what it must be)``.
+#: Every transformers (and Accelerate) object this module relies on, as ``(dotted name, what it must be)``.
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.training_args.OptimizerNames._member_map_", "dict"),
     ("transformers.training_args.OptimizerNames._value2member_map_", "dict"),
@@ -73,6 +79,11 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.Trainer.create_scheduler", "function"),
     ("transformers.Trainer.get_decay_parameter_names", "function"),
     ("transformers.TrainingArguments.__post_init__", "function"),
+    ("transformers.TrainingArguments.__init__", "function"),
+    ("transformers.TrainingArguments.__dataclass_fields__", "dict"),
+    ("transformers.TrainingArguments.__annotations__", "dict"),
+    ("transformers.TrainingArguments.accelerator_config", "field"),
+    ("accelerate.state.PartialState._shared_state", "dict"),
 )
 
 _PATCH_MARK = "__hf_lars_original__"
@@ -84,9 +95,11 @@ def _installed_version() -> str:
 
 def _resolve(dotted: str) -> Any:
     """The object at ``dotted`` (a class attribute is read from the class ``__dict__`` chain), or ``None``."""
+    import accelerate.state
     from transformers import optimization, trainer_utils, training_args
 
     modules = {
+        "accelerate.state": accelerate.state,
         "transformers.training_args": training_args,
         "transformers.trainer_utils": trainer_utils,
         "transformers.optimization": optimization,
@@ -114,6 +127,14 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
+def _present(dotted: str, kind: str) -> bool:
+    """Whether ``dotted`` is there, of ``kind`` (a ``"field"`` is a dataclass field of its class)."""
+    if kind == "field":
+        owner, _, name = dotted.rpartition(".")
+        return name in (getattr(_resolve(owner), "__dataclass_fields__", None) or {})
+    return _KINDS[kind](_resolve(dotted))
+
+
 def check_transformers_version(version: str | None = None) -> None:
     """Raise ``RuntimeError`` unless ``version`` (default: the installed one) is supported and every entry of
     :data:`PRIVATE_NAMES` is there, of the expected kind.  Touches nothing."""
@@ -124,7 +145,7 @@ def check_transformers_version(version: str | None = None) -> None:
             f"supported version (pip install 'transformers{SUPPORTED_TRANSFORMERS}'), or build the optimizer "
             "yourself with hf_lars.create_optimizer(model, name) and pass Trainer(optimizers=(optimizer, scheduler))."
         )
-    missing = [f"{kind} {name}" for name, kind in PRIVATE_NAMES if not _KINDS[kind](_resolve(name))]
+    missing = [f"{kind} {name}" for name, kind in PRIVATE_NAMES if not _present(name, kind)]
     if missing:
         raise RuntimeError(
             f"hf_lars.register() cannot patch transformers {found}: missing {', '.join(missing)}. "
@@ -237,3 +258,11 @@ def complete_last_log_entry(state: Any, logs: Mapping[str, Any], stats: Mapping[
         entry = state.log_history[-1]
         if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
             entry.update(stats)
+
+
+# ------------------------------------------------------------------------------------ Accelerate state
+def process_state_exists() -> bool:
+    """Whether Accelerate's ``PartialState`` was created in this process (without creating one)."""
+    from accelerate.state import PartialState
+
+    return bool(PartialState._shared_state)

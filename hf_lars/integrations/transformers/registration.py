@@ -10,7 +10,11 @@ registry name for ``optim`` and ``warmup_poly`` for ``lr_scheduler_type``:
 - ``Trainer.get_optimizer_cls_and_kwargs`` and ``Trainer.create_optimizer`` answer hf_lars names with
   :mod:`.factory` (the same functions :class:`~hf_lars.integrations.transformers.LarsTrainer` uses) and pass
   any other name to the original.
-- ``TrainingArguments.__post_init__`` applies ``hf-lars run --lr_scaling`` (:mod:`.launch`).
+- ``TrainingArguments`` gets the fields ``lr_scaling``, ``lr_scaling_ref_batch`` and ``b_noise`` (so
+  ``HfArgumentParser(TrainingArguments)`` takes ``--lr_scaling``), and its ``__post_init__`` runs
+  :mod:`.launch`'s checks and set-up around the original: ``--deepspeed NAME`` for a shipped config, the gloo
+  process state of a multi-process CPU DeepSpeed launch, ``--optim_args`` and ``--lr_scaling`` validated
+  before any data or model work.
 
 :func:`~hf_lars.integrations.transformers.patches.check_transformers_version` runs before anything is
 touched; :func:`unregister` undoes everything.
@@ -26,7 +30,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from hf_lars.integrations.transformers import factory, patches
-from hf_lars.integrations.transformers.launch import apply_launch_lr_scaling, clear_launch_lr_scaling
+from hf_lars.integrations.transformers import launch
 from hf_lars.integrations.transformers.names import ADDED_OPTIM_VALUES, SCHEDULER_NAME
 from hf_lars.integrations.transformers.scheduler import create_warmup_poly_scheduler
 from hf_lars.registry import list_optimizers
@@ -57,10 +61,24 @@ def _create_optimizer(original: Any) -> Any:
 
 def _post_init(original: Any) -> Any:
     def __post_init__(self: TrainingArguments) -> None:
+        launch.before_post_init(self)
         original(self)
-        apply_launch_lr_scaling(self)
+        launch.after_post_init(self)
 
     return __post_init__
+
+
+# The LrScalingArguments fields register() added to TrainingArguments (removed by unregister()).
+_ADDED_FIELDS: list[str] = []
+
+
+def _init(original: Any) -> Any:
+    def __init__(self: TrainingArguments, *args: Any, **kwargs: Any) -> None:
+        if type(self).__init__ is TrainingArguments.__init__:  # subclasses have their own fields and __init__
+            launch.pop_lr_scaling_kwargs(self, kwargs, _ADDED_FIELDS)
+        original(self, *args, **kwargs)
+
+    return __init__
 
 
 def register() -> None:
@@ -88,6 +106,8 @@ def register() -> None:
     patches.wrap_method(Trainer, "get_optimizer_cls_and_kwargs", _get_optimizer_cls_and_kwargs)
     patches.wrap_method(Trainer, "create_optimizer", _create_optimizer)
     patches.wrap_method(TrainingArguments, "__post_init__", _post_init)
+    _ADDED_FIELDS[:] = launch.add_lr_scaling_fields(TrainingArguments)
+    patches.wrap_method(TrainingArguments, "__init__", _init)
     logger.info(
         "hf_lars: registered --optim %s and --lr_scheduler_type %s", ", ".join(sorted(ADDED_OPTIM_VALUES)), SCHEDULER_NAME
     )
@@ -99,7 +119,10 @@ def unregister() -> None:
         return
     patches.unwrap_method(Trainer, "create_optimizer")
     patches.unwrap_method(TrainingArguments, "__post_init__")
-    clear_launch_lr_scaling()
+    patches.unwrap_method(TrainingArguments, "__init__")
+    launch.remove_lr_scaling_fields(TrainingArguments, _ADDED_FIELDS)
+    _ADDED_FIELDS.clear()
+    launch.clear_launch_lr_scaling()
     patches.unwrap_method(Trainer, "get_optimizer_cls_and_kwargs")
     member = SchedulerType(SCHEDULER_NAME) if patches.enum_has_value(SchedulerType, SCHEDULER_NAME) else None
     if member is not None and patches.remove_scheduler_function(member, create_warmup_poly_scheduler):

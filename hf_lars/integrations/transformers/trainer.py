@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_lars.integrations.lr_scaling import LrScalingArguments, apply_lr_scaling
 from hf_lars.integrations.trust_ratios import find_trust_ratio_optimizer
-from hf_lars.integrations.transformers import factory
+from hf_lars.integrations.transformers import factory, launch
 from hf_lars.integrations.transformers.names import (
     SCHEDULER_NAME,
     HfLarsName,
@@ -74,6 +74,7 @@ class LarsTrainingArguments(LrScalingArguments, TrainingArguments):
         )
 
     def __post_init__(self) -> None:
+        launch.before_post_init(self)  # --deepspeed NAME, the CPU process state (as after register())
         optim = name_value(self.optim)
         ours = hf_lars_optim_name(optim)
         if ours is None and optim not in valid_optim_names():
