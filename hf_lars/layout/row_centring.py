@@ -1,0 +1,162 @@
+"""Gradient Centralization on the pieces of a layout: whole rows locally, cut rows completed by one all-reduce.
+
+Part of the layout contract (:mod:`hf_lars.layout`), in its own module for size: built by
+:meth:`hf_lars.layout.StepLayout.row_centring`, used by RangerLARS (docs/design.md, "Gradient
+Centralization").  Imports only torch and the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hf_lars.layout import Segment, StepLayout
+
+__all__ = ["RowCentring"]
+
+
+# ------------------------------------------------------------------------------------- row centring
+@dataclass(frozen=True)
+class _Rows:
+    """``count`` whole rows of ``length`` elements at ``start`` of local tensor ``tensor``."""
+
+    tensor: int
+    start: int
+    count: int
+    length: int
+
+
+@dataclass(frozen=True)
+class _CutPiece:
+    """``numel`` elements at ``start`` of local tensor ``tensor``: this rank's part of cut row ``slot``."""
+
+    tensor: int
+    start: int
+    numel: int
+    slot: int
+    row_length: int
+
+
+def _cut_rows(segments: Sequence[tuple[int, int, int]], row_length: Sequence[int]) -> list[tuple[int, int]]:
+    """``(layer, row)`` of every row that some segment ``(layer, layer_offset, numel)`` holds only part of."""
+    cut = set()
+    for layer, offset, numel in segments:
+        length = row_length[layer]
+        if length == 0 or numel == 0:
+            continue
+        if offset % length:
+            cut.add((layer, offset // length))
+        if (offset + numel) % length:
+            cut.add((layer, (offset + numel - 1) // length))
+    return sorted(cut)
+
+
+class RowCentring:
+    """Gradient Centralization on the pieces of a :class:`StepLayout`: each row of every layer with
+    ``ndim > 1`` (an index along dim 0) minus its mean, without reassembling layers.
+
+    Tensors whose pieces hold whole rows (unsharded, DDP, FSDP2 ``Shard(0)``) are centred locally.  In a
+    ZeRO flat partition, rows wholly inside a piece are centred locally too (one reshape per piece); a row
+    cut by a partition boundary is completed by its partial sums: one float per cut row, summed over the
+    process group in *one* ``all_reduce`` per call, then each part subtracts the row's mean (a row cut
+    between two pieces of one rank needs no collective).  The numbering
+    of the cut rows depends only on the layout: it is agreed once, when the plan is built, by gathering
+    every rank's ``(layer, layer_offset, numel)`` segments (``all_gather_object``, once per layout).
+
+    Attributes:
+        num_cut_rows: rows cut by a partition boundary anywhere in the process group (the payload of the
+            one all-reduce; 0: no collective).
+        collective: whether :meth:`centre` all-reduces (the same on every rank of the group).
+    """
+
+    def __init__(self, layout: StepLayout) -> None:
+        if layout.layer_shapes is None:
+            raise ValueError("hf_lars: RowCentring needs the StepLayout's layer_shapes (the full shape of every layer).")
+        shapes = layout.layer_shapes
+        self.layout = layout
+        # Row length of each layer; 0 for layers that are not centred (ndim <= 1 or empty).
+        self.row_length = [s.numel() // s[0] if len(s) > 1 and s.numel() > 0 else 0 for s in shapes]
+        self.local_tensors: list[int] = []  # tensors centred as a whole (their pieces hold whole rows)
+        flat: list[tuple[int, Segment]] = []
+        for t_idx, lay in enumerate(layout.layouts):
+            if lay.whole_rows:
+                if any(self.row_length[seg.layer] for seg in lay.segments):
+                    self.local_tensors.append(t_idx)
+            else:
+                flat += [(t_idx, seg) for seg in lay.segments if self.row_length[seg.layer]]
+        self.flat_tensors = sorted({t for t, _ in flat})
+        group = layout.process_group
+        cut_anywhere = any(not lay.whole_rows for lay in layout.layouts) and group is not None
+        mine = [(seg.layer, seg.layer_offset, seg.numel) for _, seg in flat]
+        if cut_anywhere:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, mine, group=group)
+            everyone = [s for rank_segments in gathered for s in rank_segments]
+        else:
+            everyone = mine
+        slots = {row: i for i, row in enumerate(_cut_rows(everyone, self.row_length))}
+        self.num_cut_rows = len(slots)
+        self.collective = group is not None and self.num_cut_rows > 0
+        self.rows: list[_Rows] = []
+        self.cut: list[_CutPiece] = []
+        for t_idx, seg in flat:
+            length = self.row_length[seg.layer]
+            head = min((-seg.layer_offset) % length, seg.numel)
+            count = (seg.numel - head) // length
+            tail = seg.numel - head - count * length
+            if head:
+                self.cut.append(_CutPiece(t_idx, seg.start, head, slots[(seg.layer, seg.layer_offset // length)], length))
+            if count:
+                self.rows.append(_Rows(t_idx, seg.start + head, count, length))
+            if tail:
+                end = seg.layer_offset + seg.numel
+                self.cut.append(_CutPiece(t_idx, seg.start + seg.numel - tail, tail, slots[(seg.layer, (end - 1) // length)], length))
+        self._index: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _slot_index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per cut piece: its slot and its row length (fp32), on ``device``; built once per device."""
+        cached = self._index.get(device)
+        if cached is None:
+            slot = torch.tensor([c.slot for c in self.cut], dtype=torch.long, device=device)
+            length = torch.tensor([float(c.row_length) for c in self.cut], dtype=torch.float32, device=device)
+            cached = self._index[device] = (slot, length)
+        return cached
+
+    def centre(self, grads: Sequence[Tensor], centre_whole: Callable[[Tensor], Tensor]) -> list[Tensor]:
+        """The centred gradients, parallel to ``grads`` (local fp32 tensors parallel to the stepped ones).
+
+        Centred tensors are new temporaries; the others are returned as they are (``grads`` is never
+        modified).  ``centre_whole`` centres a tensor that holds whole rows (the optimizer's GC function).
+        Every rank of the group must call this when :attr:`collective` is true, holding pieces or not.
+        """
+        out = list(grads)
+        for t_idx in self.local_tensors:
+            out[t_idx] = centre_whole(grads[t_idx])
+        for t_idx in self.flat_tensors:
+            out[t_idx] = grads[t_idx].clone()
+        for r in self.rows:
+            rows = out[r.tensor].view(-1).narrow(0, r.start, r.count * r.length).view(r.count, r.length)
+            rows.sub_(rows.mean(dim=1, keepdim=True))
+        if not self.num_cut_rows:
+            return out
+        parts = [out[c.tensor].view(-1).narrow(0, c.start, c.numel) for c in self.cut]
+        device = parts[0].device if parts else self.layout.device
+        sums = torch.zeros(self.num_cut_rows, dtype=torch.float32, device=device)
+        if parts:
+            slot, length = self._slot_index(device)
+            partial = torch.stack([p.sum(dtype=torch.float32) for p in parts])
+            sums.index_add_(0, slot, partial)
+        if self.collective:
+            sums = self.layout.all_reduce(sums)
+        if parts:
+            means = (sums.index_select(0, slot) / length).to(parts[0].dtype)
+            for part, mean in zip(parts, means.unbind(0)):
+                part.sub_(mean)
+        return out
