@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_lars import sharding
+from hf_lars import AdamLARS, sharding
 from hf_lars.layout import Segment, StepLayout, TensorLayout
 from hf_lars.optim.ranger_lars import centralize_gradient
 from hf_lars.sharding import zero3
@@ -251,3 +251,22 @@ def test_dtensor_placements(layouts_run: dict[str, Any]) -> None:
     assert "2 mesh dimensions" in d["two_shard_dims"]
     assert "Partial" in d["partial"]
     assert "cannot tell which layers" in d["wrong_shape"]
+
+
+def test_an_optimizer_built_before_an_fsdp1_wrap_refuses_to_step() -> None:
+    """FSDP1 (GPU-only in torch 2.13) flattens the optimizer's own parameters into one flat shard per rank and
+    marks them; stepping them as whole layers would give per-shard norms, so the step refuses with the fix."""
+    from torch.distributed.fsdp import _common_utils
+
+    from hf_lars.sharding import FSDP1_FLATTENED
+
+    assert FSDP1_FLATTENED == _common_utils.FSDP_FLATTENED  # the name FSDP1 really sets
+    model = torch.nn.Linear(4, 3)
+    opt = AdamLARS(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        setattr(p, FSDP1_FLATTENED, True)  # what FullyShardedDataParallel(use_orig_params=True) does
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"does not support FSDP1.*fully_shard"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -471,7 +471,9 @@ def resolve_layouts(
         RuntimeError: a resolver is needed and none is registered.
     """
     index = {id(p): i for i, p in enumerate(layers)}
-    if all(id(t) in index and not is_dtensor(t) for t in stepped):
+    # A parameter an engine has flattened into its own storage (FSDP1 marks those with ``_fsdp_flattened``)
+    # is no longer a whole layer, even though it is still the optimizer's own tensor: the resolver decides.
+    if all(id(t) in index and not is_dtensor(t) and not getattr(t, "_fsdp_flattened", False) for t in stepped):
         return [TensorLayout.of_layer(index[id(t)], t) for t in stepped], [p.shape for p in layers]
     if _resolver is None:
         raise RuntimeError(

@@ -50,6 +50,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The attribute FSDP1 sets on every parameter it flattens into a FlatParameter (torch's
+# ``torch.distributed.fsdp._common_utils.FSDP_FLATTENED``; read, never written).
+FSDP1_FLATTENED = "_fsdp_flattened"
+
 is_deepspeed_zero_param = zero.is_deepspeed_zero_param
 
 
@@ -72,6 +76,13 @@ def tensor_layouts(
     Raises:
         ValueError: a stepped tensor is none of the supported kinds (the message says what was found).
     """
+    if any(getattr(t, FSDP1_FLATTENED, False) for t in stepped):
+        raise ValueError(
+            "hf_lars does not support FSDP1 (FullyShardedDataParallel): the parameters it steps are views of one "
+            "flat shard per rank, so its per-layer norms would be per-shard norms.  Use FSDP2: "
+            "torch.distributed.fsdp.fully_shard, Accelerate's fsdp_version: 2 (recipes/accelerate/fsdp2.yaml) or "
+            'Trainer\'s --fsdp with fsdp_config {"fsdp_version": 2}.'
+        )
     index = {id(p): j for j, p in enumerate(layers)}
     positions = {id(p): k for k, p in enumerate(group_params)} if group_params is not None else {}
     out: list[TensorLayout] = []
