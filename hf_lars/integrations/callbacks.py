@@ -8,6 +8,8 @@ The framework-free half (reading, summarising and writing trust ratios) is
 
 from __future__ import annotations
 
+import abc
+
 import logging
 import math
 from collections.abc import Mapping
@@ -81,7 +83,7 @@ def add_callback_first(trainer: Any, cls: type[_Callback], callback: _Callback |
     return chosen
 
 
-class TrainingLogCallback(TrainerCallback):
+class TrainingLogCallback(TrainerCallback, abc.ABC):
     """A callback that adds statistics to every training log: subclasses say which, in ``training_log_stats``.
 
     ``on_log`` keeps to training logs (:func:`is_training_log`) and puts the statistics in the logs and in
@@ -89,9 +91,9 @@ class TrainingLogCallback(TrainerCallback):
     ``trainer_state.json`` see them.
     """
 
+    @abc.abstractmethod
     def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> Mapping[str, Any]:
         """The statistics to add at this logging step (empty: none); ``kwargs`` are ``on_log``'s."""
-        raise NotImplementedError
 
     def on_log(
         self,
