@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         seed=args.seed,
         threads=args.threads,
+        echo=lambda line: print(line, flush=True),
     )
     out = Path(args.output_dir)
     print()

@@ -6,8 +6,10 @@ progress for the person at the terminal, writes ``loss.png``, ``results.txt`` an
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 from hf_lars.demo.corpus import corpus_datasets, tokenize_and_group, train_tokenizer
 from hf_lars.demo.model import build_model, tiny_llama_config
 from hf_lars.demo.settings import DEFAULT_STEPS, DEMO_OPTIMIZERS, FULL_SIZE, QUICK_SIZE, REFERENCE_BATCH, DemoSize
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DemoResult", "run_demo", "choose_threads", "format_results"]
 
@@ -124,8 +128,12 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     threads: int | None = None,
+    echo: Callable[[str], None] = logger.info,
 ) -> list[DemoResult]:
-    """Train once per optimizer and return the results (see the module docstring); writes ``loss.png``."""
+    """Train once per optimizer and return the results (see the module docstring); writes ``loss.png``.
+
+    ``echo`` reports progress lines (``hf-lars demo`` prints them; the default logs them).
+    """
     import datasets
     import torch
     import transformers
@@ -151,7 +159,7 @@ def run_demo(
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
-        return _train_all(out, names, size, steps, batch_size, seed, n_threads, quick)
+        return _train_all(out, names, size, steps, batch_size, seed, n_threads, quick, echo)
     finally:  # leave the process as it was (the demo also runs in-process, e.g. in tests)
         torch.set_num_threads(saved[0])
         transformers.logging.set_verbosity(saved[1])
@@ -160,21 +168,28 @@ def run_demo(
 
 
 def _train_all(
-    out: Path, names: list[str], size: DemoSize, steps: int, batch_size: int, seed: int, n_threads: int, quick: bool
+    out: Path,
+    names: list[str],
+    size: DemoSize,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    n_threads: int,
+    quick: bool,
+    echo: Callable[[str], None],
 ) -> list[DemoResult]:
     from transformers import ProgressCallback, Trainer, TrainingArguments, default_data_collator
 
     from hf_lars.plotting import LossHistory, plot_losses
     from hf_lars.scaling import scaled_lr
 
-    print(f"preparing the embedded corpus, tokenizer and model ({'quick' if quick else 'full'} size) ...", flush=True)
+    echo(f"preparing the embedded corpus, tokenizer and model ({'quick' if quick else 'full'} size) ...")
     train_set, eval_set, config = _prepare(size, out)
     n_params = sum(p.numel() for p in build_model(config, seed=seed).parameters())
-    print(
+    echo(
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {size.block_size} tokens; "
         f"Llama {size.num_layers}x{size.hidden_size}, {n_params / 1e6:.2f}M parameters; "
-        f"global batch {batch_size} ({batch_size * size.block_size} tokens), {steps} steps, {n_threads} thread(s)",
-        flush=True,
+        f"global batch {batch_size} ({batch_size * size.block_size} tokens), {steps} steps, {n_threads} thread(s)"
     )
     warmup = max(1, round(0.15 * steps))
     log_every = max(1, steps // 20)
@@ -214,9 +229,7 @@ def _train_all(
         )
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_loss_progress_class()(name))
-        print(
-            f"\n[{name}] lr {lr:.3g} ({setting.rule} scaling from {setting.lr:g} at batch {REFERENCE_BATCH})", flush=True
-        )
+        echo(f"\n[{name}] lr {lr:.3g} ({setting.rule} scaling from {setting.lr:g} at batch {REFERENCE_BATCH})")
         start = time.perf_counter()
         trainer.train()
         metrics = trainer.evaluate()
