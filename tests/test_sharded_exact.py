@@ -27,6 +27,8 @@ local shard treated as one layer: what other LAMB implementations do) is off by 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import pytest
@@ -109,7 +111,10 @@ def test_naive_per_partition_norms_are_wrong(backend: str, engine: str, opt: str
     # RangerLARS under FSDP2: half of each layer's rows is a fair sample of its norms, and RangerLARS steps
     # in 5 of the 10 steps only (measured 6.1e-4, 60x the tolerance, ~3000x the exact path's error).
     factor = 30 if (engine, opt) == ("fsdp2", "ranger_lars") else 1000
-    assert case["max_rel_err"] > factor * TOL
+    # The naive layout takes a whole ZeRO-3 flat partition as one layer, tail padding included, which DeepSpeed
+    # leaves uninitialised: its norms can come out NaN, which now propagates (docs/design.md) -- wrong too.
+    err = case["max_rel_err"]
+    assert math.isnan(err) or err > factor * TOL, err
     assert all(s["calls"] == 0 for s in case["step_calls"]), "the naive path must not communicate"
 
 

@@ -227,7 +227,9 @@ def compare(got: dict[str, Tensor], ref: dict[str, Tensor], init: dict[str, Tens
         scale = r.norm().clamp_min(1e-12)
         errs[name] = ((got[name] - r).norm() / scale).item()
         moved[name] = ((r - init[name]).norm() / scale).item()
-    return {"max_rel_err": max(errs.values()), "rel_err": errs, "moved": moved}
+    # A NaN error must not hide behind max() (which keeps whichever of NaN and a number comes first).
+    worst = float("nan") if any(e != e for e in errs.values()) else max(errs.values())
+    return {"max_rel_err": worst, "rel_err": errs, "moved": moved}
 
 
 def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool, rank: int, world: int) -> dict:
