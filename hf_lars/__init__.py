@@ -26,6 +26,8 @@ _LAZY = {
     "SGDBatchSizeScaler": "hf_lars.scaling",
     "GradientNoiseScale": "hf_lars.scaling",
     "GradientNoiseScaleCallback": "hf_lars.integrations.noise_scale",
+    "OnlineLrFactor": "hf_lars.scaling.online",
+    "OnlineLrScheduler": "hf_lars.scaling.online",
 }
 
 

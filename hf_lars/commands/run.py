@@ -29,7 +29,9 @@ __all__ = ["register", "run_script", "USAGE"]
 USAGE = (
     "usage: hf-lars run SCRIPT.py [script args...]\n       hf-lars run -m MODULE [module args...]\n"
     "--lr_scaling surge|sgd|linear|sqrt|none, --lr_scaling_ref_batch N and --b_noise F among the script args are\n"
-    "taken by hf-lars: --learning_rate (tuned at batch N) is rescaled to the run's global batch."
+    "taken by hf-lars: --learning_rate (tuned at batch N) is rescaled to the run's global batch;\n"
+    "--lr_scaling_online [--lr_scaling_min_factor F --lr_scaling_max_factor F --lr_scaling_smoothing F]\n"
+    "makes it follow the B_noise measured while training."
 )
 
 
@@ -56,11 +58,28 @@ def _exit_code(err: SystemExit) -> int:
     return 1
 
 
-_LR_SCALING_FLAGS = {"--lr_scaling": str, "--lr_scaling_ref_batch": int, "--b_noise": float}
+def _bool_flag(value: str) -> bool:
+    key = value.strip().lower()
+    if key not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+    return key in ("true", "1", "yes")
+
+
+# The --lr_scaling* flags hf-lars takes out of the script's arguments: LrScalingArguments' fields.
+_LR_SCALING_FLAGS = {
+    "--lr_scaling": str,
+    "--lr_scaling_ref_batch": int,
+    "--b_noise": float,
+    "--lr_scaling_online": _bool_flag,
+    "--lr_scaling_min_factor": float,
+    "--lr_scaling_max_factor": float,
+    "--lr_scaling_smoothing": float,
+}
+_VALUELESS = {"--lr_scaling_online"}  # a bare flag means true, as HfArgumentParser reads booleans
 
 
 def _take_lr_scaling_flags(args: Sequence[str]) -> tuple[list[str], dict[str, object]]:
-    """Remove ``--lr_scaling``, ``--lr_scaling_ref_batch`` and ``--b_noise`` (``--flag v`` or ``--flag=v``)."""
+    """Remove the ``--lr_scaling*`` and ``--b_noise`` flags (``--flag v`` or ``--flag=v``)."""
     rest: list[str] = []
     found: dict[str, object] = {}
     items = list(args)
@@ -69,10 +88,14 @@ def _take_lr_scaling_flags(args: Sequence[str]) -> tuple[list[str], dict[str, ob
         flag, eq, value = items[i].partition("=")
         if flag in _LR_SCALING_FLAGS:
             if not eq:
-                if i + 1 >= len(items):
+                bare = i + 1 >= len(items) or items[i + 1].startswith("--")
+                if bare and flag in _VALUELESS:
+                    value = "true"
+                elif i + 1 >= len(items):
                     raise SystemExit(f"hf-lars run: {flag} needs a value")
-                value = items[i + 1]
-                i += 1
+                else:
+                    value = items[i + 1]
+                    i += 1
             try:
                 found[flag[2:]] = _LR_SCALING_FLAGS[flag](value)
             except ValueError:

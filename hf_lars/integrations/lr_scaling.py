@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_lars.scaling.laws import canonical_rule, scaled_lr
+from hf_lars.scaling.online import OnlineLrFactor
 
 __all__ = [
     "LR_SCALING_CHOICES",
@@ -37,6 +38,7 @@ __all__ = [
     "global_batch_size",
     "apply_lr_scaling",
     "check_lr_scaling_flags",
+    "online_lr_factor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,30 @@ class LrScalingArguments:
             "--lr_scaling surge and sgd."
         },
     )
+    lr_scaling_online: bool = field(
+        default=False,
+        metadata={
+            "help": "Follow the gradient noise scale while training: at every logging step the LR is re-derived by "
+            "the --lr_scaling law (surge or sgd) from the b_noise measured online (a GradientNoiseScaleCallback is "
+            "added; it needs >= 2 processes or gradient_accumulation_steps >= 2) and multiplies the schedule's LR "
+            "(logged as lr_factor, saved in checkpoints). --b_noise, if given, is the launch estimate."
+        },
+    )
+    lr_scaling_min_factor: float = field(
+        default=0.25,
+        metadata={"help": "With --lr_scaling_online: the smallest factor applied to the launch LR (<= 1)."},
+    )
+    lr_scaling_max_factor: float = field(
+        default=4.0,
+        metadata={"help": "With --lr_scaling_online: the largest factor applied to the launch LR (>= 1)."},
+    )
+    lr_scaling_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --lr_scaling_online: weight of the previous factor in a log-space average, in [0, 1) "
+            "(0 follows each logged b_noise at once; b_noise itself is already an EMA)."
+        },
+    )
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -105,8 +131,11 @@ def _is_positive_number(value: Any) -> bool:
     )
 
 
-def _validate(rule: str, ref_batch: Any, b_noise: Any) -> str:
-    """The canonical rule; ``ValueError`` with a clear message for every bad combination."""
+def _validate(rule: str, ref_batch: Any, b_noise: Any, online: bool = False) -> str:
+    """The canonical rule; ``ValueError`` with a clear message for every bad combination.
+
+    With ``online`` (``--lr_scaling_online``) ``b_noise`` is optional: the launch estimate, if any.
+    """
     try:
         canon = canonical_rule(rule)
     except ValueError:
@@ -121,24 +150,58 @@ def _validate(rule: str, ref_batch: Any, b_noise: Any) -> str:
         )
     if not _is_positive_number(ref_batch):
         raise ValueError(f"Invalid lr_scaling_ref_batch: {ref_batch!r} (must be a positive number of examples)")
+    if online and canon not in _NEEDS_B_NOISE:
+        raise ValueError(
+            f"--lr_scaling_online follows the measured B_noise, which only the surge and sgd rules depend on; "
+            f"--lr_scaling {rule} fixes the LR at launch: use --lr_scaling surge (Adam-style) or sgd, or drop "
+            "--lr_scaling_online"
+        )
     if canon in _NEEDS_B_NOISE:
-        if b_noise is None:
+        if b_noise is None and not online:
             raise ValueError(
                 f"lr_scaling={rule!r} needs b_noise (the gradient noise scale in examples: fit it with "
                 "'hf-lars scale fit' or read the b_noise logged by GradientNoiseScaleCallback)"
             )
-        if not _is_positive_number(b_noise):
+        if b_noise is not None and not _is_positive_number(b_noise):
             raise ValueError(f"Invalid b_noise: {b_noise!r} (must be a positive number of examples)")
     return canon
 
 
-def check_lr_scaling_flags(lr_scaling: str, lr_scaling_ref_batch: Any = None, b_noise: Any = None) -> None:
-    """Check ``--lr_scaling`` / ``--lr_scaling_ref_batch`` / ``--b_noise`` without a run (at launch).
+def _online_factor(
+    rule: str, ref_batch: Any, batch: Any, b_noise: Any, min_factor: Any, max_factor: Any, smoothing: Any
+) -> OnlineLrFactor:
+    """The :class:`OnlineLrFactor` of these flags, its errors naming the ``--lr_scaling_*`` flag."""
+    try:
+        return OnlineLrFactor(
+            rule, ref_batch=ref_batch, batch=batch, b_noise=b_noise, min_factor=min_factor,
+            max_factor=max_factor, smoothing=smoothing,
+        )
+    except ValueError as err:
+        raise ValueError(f"--lr_scaling_online: {err} (set by --lr_scaling_min_factor, --lr_scaling_max_factor, "
+                         "--lr_scaling_smoothing)") from None
+
+
+def check_lr_scaling_flags(
+    lr_scaling: str,
+    lr_scaling_ref_batch: Any = None,
+    b_noise: Any = None,
+    *,
+    lr_scaling_online: bool = False,
+    lr_scaling_min_factor: Any = 0.25,
+    lr_scaling_max_factor: Any = 4.0,
+    lr_scaling_smoothing: Any = 0.0,
+) -> None:
+    """Check the ``--lr_scaling*`` / ``--b_noise`` flags without a run (at launch).
 
     Raises:
         ValueError: what :func:`apply_lr_scaling` would raise for these flags, naming the flag and the fix.
     """
-    _validate(str(lr_scaling), lr_scaling_ref_batch, b_noise)
+    if not isinstance(lr_scaling_online, bool):
+        raise ValueError(f"Invalid lr_scaling_online: {lr_scaling_online!r} (must be true or false)")
+    rule = _validate(str(lr_scaling), lr_scaling_ref_batch, b_noise, lr_scaling_online)
+    if lr_scaling_online:
+        _online_factor(rule, lr_scaling_ref_batch, lr_scaling_ref_batch, b_noise, lr_scaling_min_factor,
+                       lr_scaling_max_factor, lr_scaling_smoothing)
 
 
 def _is_main_process() -> bool:
@@ -152,12 +215,19 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: Any) -> float:
-    """:func:`hf_lars.scaling.scaled_lr` after the launch-flag checks, logged on the main process."""
-    canon = _validate(rule, ref_batch, b_noise)
+def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: Any, online: bool = False) -> float:
+    """:func:`hf_lars.scaling.scaled_lr` after the launch-flag checks, logged on the main process.
+
+    Online without a launch ``b_noise``: the reference LR (the online factor does the rescaling).
+    """
+    canon = _validate(rule, ref_batch, b_noise, online)
     if not _is_positive_number(ref_lr):
         raise ValueError(f"Invalid learning_rate: {ref_lr!r} (the reference LR must be positive)")
     if canon == "none":
+        return float(ref_lr)
+    if canon in _NEEDS_B_NOISE and b_noise is None:
+        if _is_main_process():
+            logger.info("lr starts at the reference %g; the online factor rescales it from the measured B_noise", ref_lr)
         return float(ref_lr)
     lr = float(scaled_lr(canon, ref_batch, ref_lr, batch, b_noise if canon in _NEEDS_B_NOISE else None))
     if _is_main_process():
@@ -168,12 +238,42 @@ def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: An
     return lr
 
 
+def _check_noise_source(args: Any, world_size: int) -> None:
+    """``--lr_scaling_online`` needs the noise monitor: two batch sizes, and gradients it can see (not FSDP)."""
+    accum = int(getattr(args, "gradient_accumulation_steps", 1))
+    if world_size * accum < 2:
+        raise ValueError(
+            "--lr_scaling_online needs the gradient noise scale, measured from two batch sizes: run on >= 2 "
+            f"data-parallel processes or with --gradient_accumulation_steps >= 2 (got {world_size} process(es) "
+            f"and gradient_accumulation_steps={accum})"
+        )
+    # From the arguments and the launcher's environment only: at argument parsing no Accelerate state exists
+    # yet, and creating one here would pre-empt Trainer's.
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ValueError(
+            "--lr_scaling_online needs the gradient noise scale, which cannot be measured under FSDP (the "
+            "gradient hooks see reduce-scattered shards): use DDP or DeepSpeed ZeRO, or drop --lr_scaling_online"
+        )
+
+
+def online_lr_factor(args: Any, world_size: int) -> OnlineLrFactor | None:
+    """The :class:`OnlineLrFactor` ``--lr_scaling_online`` asks for (``None`` when it is off)."""
+    if not getattr(args, "lr_scaling_online", False):
+        return None
+    return _online_factor(
+        str(args.lr_scaling), args.lr_scaling_ref_batch, global_batch_size(args, world_size), args.b_noise,
+        args.lr_scaling_min_factor, args.lr_scaling_max_factor, args.lr_scaling_smoothing,
+    )
+
+
 def apply_lr_scaling(args: Any, world_size: int) -> float:
     """Set ``args.learning_rate`` to the LR scaled for this run's global batch and return it.
 
     ``args`` carries the :class:`LrScalingArguments` fields (``lr_scaling``, ``lr_scaling_ref_batch``,
-    ``b_noise``) and Trainer's ``learning_rate`` (the reference LR), ``per_device_train_batch_size`` and
-    ``gradient_accumulation_steps``.  Call it before the optimizer is created.
+    ``b_noise``, the ``lr_scaling_online`` ones) and Trainer's ``learning_rate`` (the reference LR),
+    ``per_device_train_batch_size`` and ``gradient_accumulation_steps``.  Call it before the optimizer is
+    created.  With ``lr_scaling_online`` the online settings and the noise source are checked here too (the
+    factor itself is applied by the scheduler, :mod:`hf_lars.integrations.online_lr`).
 
     Idempotent: a second call on the same ``args`` scales from the original reference LR again (unless
     ``learning_rate`` was changed in between, which then counts as the new reference).  When the args carry a
@@ -183,18 +283,25 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
 
     Raises:
         ValueError: unknown rule (the valid ones are listed), ``lr_scaling_ref_batch`` missing or not positive,
-            ``b_noise`` missing or not positive for ``surge``/``sgd``, a non-positive LR, ``world_size`` or batch.
+            ``b_noise`` missing or not positive for ``surge``/``sgd`` (optional online), a non-positive LR,
+            ``world_size`` or batch; online: a rule that ignores ``B_noise``, bad bounds or smoothing, no noise
+            source (one process without accumulation, FSDP).
     """
     rule = getattr(args, "lr_scaling", "none")
     rule = "none" if rule is None else str(rule)
     ref_batch = getattr(args, "lr_scaling_ref_batch", None)
     b_noise = getattr(args, "b_noise", None)
+    online = bool(getattr(args, "lr_scaling_online", False))
     batch = global_batch_size(args, world_size)
+    if online:
+        _validate(rule, ref_batch, b_noise, online)
+        online_lr_factor(args, world_size)
+        _check_noise_source(args, world_size)
     applied = getattr(args, _APPLIED_ATTR, None)
     ref_lr = float(args.learning_rate)
     if applied is not None and math.isclose(ref_lr, applied["lr"], rel_tol=1e-12, abs_tol=0.0):
         ref_lr = applied["ref_lr"]
-    lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise)
+    lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise, online)
     changed = lr != float(args.learning_rate)
     args.learning_rate = lr
     object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})

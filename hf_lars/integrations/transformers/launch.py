@@ -57,19 +57,28 @@ LR_SCALING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Lr
 _LAUNCH_LR_SCALING: dict[str, Any] = {}
 
 
-def set_launch_lr_scaling(lr_scaling: str, lr_scaling_ref_batch: int | None = None, b_noise: float | None = None) -> None:
+def set_launch_lr_scaling(
+    lr_scaling: str, lr_scaling_ref_batch: int | None = None, b_noise: float | None = None, **online: Any
+) -> None:
     """Rescale the LR of every ``TrainingArguments`` built from now on (after ``register()``).
 
-    ``lr_scaling="none"`` turns it off.  The rule and its required values are checked now.
+    ``lr_scaling="none"`` turns it off.  ``online`` takes the ``lr_scaling_online`` fields
+    (``lr_scaling_online``, ``lr_scaling_min_factor``, ``lr_scaling_max_factor``, ``lr_scaling_smoothing``).
+    The rule and its required values are checked now.
 
     Raises:
-        ValueError: an unknown rule, a missing or non-positive ``lr_scaling_ref_batch``, or a missing
-            ``b_noise`` for ``surge``/``sgd``.
+        ValueError: an unknown rule or field, a missing or non-positive ``lr_scaling_ref_batch``, a missing
+            ``b_noise`` for ``surge``/``sgd`` (unless online), bad online settings.
     """
-    check_lr_scaling_flags(lr_scaling, lr_scaling_ref_batch, b_noise)
+    unknown = sorted(set(online) - set(LR_SCALING_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown lr_scaling setting(s) {', '.join(unknown)}; valid: {', '.join(LR_SCALING_FIELDS)}")
+    check_lr_scaling_flags(lr_scaling, lr_scaling_ref_batch, b_noise, **online)
     _LAUNCH_LR_SCALING.clear()
     if lr_scaling != "none":
-        _LAUNCH_LR_SCALING.update(lr_scaling=lr_scaling, lr_scaling_ref_batch=lr_scaling_ref_batch, b_noise=b_noise)
+        _LAUNCH_LR_SCALING.update(
+            lr_scaling=lr_scaling, lr_scaling_ref_batch=lr_scaling_ref_batch, b_noise=b_noise, **online
+        )
 
 
 def clear_launch_lr_scaling() -> None:

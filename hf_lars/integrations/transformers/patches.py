@@ -17,6 +17,7 @@ what                                                           why
 ``transformers.optimization.TYPE_TO_SCHEDULER_FUNCTION``        ``get_scheduler("warmup_poly")`` builds ours
 ``Trainer.get_optimizer_cls_and_kwargs`` (a staticmethod)       wrapped: hf_lars names -> (class, kwargs)
 ``Trainer.create_optimizer``                                    wrapped: Trainer's groups for hf_lars names
+``Trainer.create_scheduler``                                    wrapped: ``warmup_poly``, ``--lr_scaling_online``
 ``TrainingArguments.__post_init__``                             wrapped: launch checks and set-up (:mod:`.launch`)
 ``TrainingArguments.__init__``, ``__dataclass_fields__``,       ``--lr_scaling`` fields added: HfArgumentParser
 ``__annotations__``                                             reads fields + hints, ``__init__`` takes them
@@ -256,7 +257,8 @@ def complete_last_log_entry(state: Any, logs: Mapping[str, Any], stats: Mapping[
     """
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
         entry = state.log_history[-1]
-        if all(entry.get(k) == v for k, v in logs.items() if k not in stats):
+        # `is` first: the entry holds the same objects, and a NaN (a diverged loss, a b_noise) is not == itself.
+        if all(entry.get(k) is v or entry.get(k) == v for k, v in logs.items() if k not in stats):
             entry.update(stats)
 
 

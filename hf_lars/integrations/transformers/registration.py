@@ -9,7 +9,9 @@ registry name for ``optim`` and ``warmup_poly`` for ``lr_scheduler_type``:
   :func:`~hf_lars.integrations.transformers.scheduler.create_warmup_poly_scheduler`.
 - ``Trainer.get_optimizer_cls_and_kwargs`` and ``Trainer.create_optimizer`` answer hf_lars names with
   :mod:`.factory` (the same functions :class:`~hf_lars.integrations.transformers.LarsTrainer` uses) and pass
-  any other name to the original.
+  any other name to the original; ``Trainer.create_scheduler`` builds ``warmup_poly`` the same way and wraps
+  any schedule for ``--lr_scaling_online``
+  (:func:`~hf_lars.integrations.transformers.scheduler.create_scheduler`).
 - ``TrainingArguments`` gets the fields ``lr_scaling``, ``lr_scaling_ref_batch`` and ``b_noise`` (so
   ``HfArgumentParser(TrainingArguments)`` takes ``--lr_scaling``), and its ``__post_init__`` runs
   :mod:`.launch`'s checks and set-up around the original: ``--deepspeed NAME`` for a shipped config, the gloo
@@ -32,6 +34,7 @@ from transformers.training_args import OptimizerNames
 from hf_lars.integrations.transformers import factory, patches
 from hf_lars.integrations.transformers import launch
 from hf_lars.integrations.transformers.names import ADDED_OPTIM_VALUES, SCHEDULER_NAME
+from hf_lars.integrations.transformers import scheduler
 from hf_lars.integrations.transformers.scheduler import create_warmup_poly_scheduler
 from hf_lars.registry import list_optimizers
 
@@ -57,6 +60,15 @@ def _create_optimizer(original: Any) -> Any:
         return factory.create_optimizer(self, lambda *a, **k: original(self, *a, **k), *args, **kwargs)
 
     return create_optimizer
+
+
+def _create_scheduler(original: Any) -> Any:
+    def create_scheduler(self: Trainer, num_training_steps: int, optimizer: Any = None) -> Any:
+        return scheduler.create_scheduler(
+            self, num_training_steps, optimizer, lambda n, o: original(self, n, o)
+        )
+
+    return create_scheduler
 
 
 def _post_init(original: Any) -> Any:
@@ -105,6 +117,7 @@ def register() -> None:
         patches.set_scheduler_function(member, create_warmup_poly_scheduler)
     patches.wrap_method(Trainer, "get_optimizer_cls_and_kwargs", _get_optimizer_cls_and_kwargs)
     patches.wrap_method(Trainer, "create_optimizer", _create_optimizer)
+    patches.wrap_method(Trainer, "create_scheduler", _create_scheduler)
     patches.wrap_method(TrainingArguments, "__post_init__", _post_init)
     _ADDED_FIELDS[:] = launch.add_lr_scaling_fields(TrainingArguments)
     patches.wrap_method(TrainingArguments, "__init__", _init)
@@ -118,6 +131,7 @@ def unregister() -> None:
     if not is_registered():
         return
     patches.unwrap_method(Trainer, "create_optimizer")
+    patches.unwrap_method(Trainer, "create_scheduler")
     patches.unwrap_method(TrainingArguments, "__post_init__")
     patches.unwrap_method(TrainingArguments, "__init__")
     launch.remove_lr_scaling_fields(TrainingArguments, _ADDED_FIELDS)

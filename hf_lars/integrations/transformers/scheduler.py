@@ -64,8 +64,14 @@ def create_scheduler(
     num_training_steps: int,
     optimizer: torch.optim.Optimizer | None,
     fallback: Callable[[int, torch.optim.Optimizer | None], torch.optim.lr_scheduler.LRScheduler],
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """``Trainer.create_scheduler``: ``warmup_poly`` built here, any other scheduler by ``fallback``."""
+) -> Any:
+    """``Trainer.create_scheduler``: ``warmup_poly`` built here, any other scheduler by ``fallback``.
+
+    With ``--lr_scaling_online`` the scheduler is wrapped so its LRs follow the measured noise scale
+    (:func:`hf_lars.integrations.online_lr.attach_online_lr_scaling`).
+    """
+    from hf_lars.integrations.online_lr import attach_online_lr_scaling
+
     if trainer.lr_scheduler is None and is_warmup_poly(trainer.args.lr_scheduler_type):
         trainer.lr_scheduler = create_warmup_poly_scheduler(
             trainer.optimizer if optimizer is None else optimizer,
@@ -74,5 +80,7 @@ def create_scheduler(
             **scheduler_kwargs(trainer.args),
         )
         mark_scheduler_created(trainer)
-        return trainer.lr_scheduler
-    return fallback(num_training_steps, optimizer)
+        scheduler = trainer.lr_scheduler
+    else:
+        scheduler = fallback(num_training_steps, optimizer)
+    return attach_online_lr_scaling(trainer, scheduler)

@@ -1,0 +1,76 @@
+"""``--lr_scaling_online``: the Trainer's LR follows the gradient noise scale measured while it trains.
+
+The math is :mod:`hf_lars.scaling.online`; this module connects it to Trainer:
+
+- :func:`attach_online_lr_scaling` (called by ``create_scheduler``, both the patched ``Trainer``'s and
+  :class:`~hf_lars.LarsTrainer`'s, with any scheduler): wraps ``trainer.lr_scheduler`` in an
+  :class:`~hf_lars.scaling.online.OnlineLrScheduler`, adds a
+  :class:`~hf_lars.integrations.noise_scale.GradientNoiseScaleCallback` if the trainer has none, and an
+  :class:`OnlineLrScalingCallback` right after it.
+- :class:`OnlineLrScalingCallback`: at each training log, the ``b_noise`` the noise callback has just added
+  updates the factor (applied from the next optimizer step) and ``lr_factor`` is logged beside it.
+
+Checkpoints: the factor is part of the scheduler's ``state_dict`` (``scheduler.pt``, or DeepSpeed's
+checkpoint when DeepSpeed steps the scheduler), the noise scale's EMAs part of ``trainer_state.json``; a
+resumed run continues both.  Under DeepSpeed ZeRO ``b_noise`` comes once per logging step (see
+:mod:`hf_lars.integrations.noise_monitor`), which is also when the factor moves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import TrainerState
+
+from hf_lars.integrations.callbacks import TrainingLogCallback
+from hf_lars.integrations.lr_scaling import online_lr_factor
+from hf_lars.integrations.noise_scale import add_noise_scale_callback
+from hf_lars.scaling.online import OnlineLrScheduler
+
+__all__ = ["LR_FACTOR_KEY", "OnlineLrScalingCallback", "attach_online_lr_scaling"]
+
+logger = logging.getLogger(__name__)
+
+#: The key added to the training logs: what the schedule's LR is multiplied by.
+LR_FACTOR_KEY = "lr_factor"
+
+
+class OnlineLrScalingCallback(TrainingLogCallback):
+    """Update an :class:`~hf_lars.scaling.online.OnlineLrScheduler` from each training log's ``b_noise``.
+
+    Must come after the :class:`GradientNoiseScaleCallback` that adds ``b_noise`` (what
+    :func:`attach_online_lr_scaling` arranges).  Logs ``lr_factor``; a log without a usable ``b_noise``
+    (none yet, or a non-positive estimate) leaves the factor as it was.
+    """
+
+    def __init__(self, scheduler: OnlineLrScheduler) -> None:
+        self.scheduler = scheduler
+
+    def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> dict[str, float]:
+        return {LR_FACTOR_KEY: self.scheduler.update(logs.get("b_noise"))}
+
+
+def attach_online_lr_scaling(trainer: Any, scheduler: Any) -> Any:
+    """``scheduler`` wrapped for ``--lr_scaling_online`` (set as ``trainer.lr_scheduler``); as is when it is off.
+
+    Idempotent: a scheduler already wrapped is returned unchanged.
+    """
+    factor = online_lr_factor(trainer.args, trainer.args.world_size)
+    if factor is None or isinstance(scheduler, OnlineLrScheduler):
+        return scheduler
+    wrapped = OnlineLrScheduler(scheduler, factor)
+    trainer.lr_scheduler = wrapped
+    noise = add_noise_scale_callback(trainer)
+    # Trainer lists the ExportableState callbacks when it builds its TrainerState, which can come before the
+    # scheduler; a callback added later must have an entry there, or saving a checkpoint fails.
+    stateful = getattr(getattr(trainer, "state", None), "stateful_callbacks", None)
+    if isinstance(stateful, dict):
+        stateful.setdefault(type(noise).__name__, noise.state())
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[:] = [cb for cb in callbacks if not isinstance(cb, OnlineLrScalingCallback)]
+    callbacks.insert(callbacks.index(noise) + 1, OnlineLrScalingCallback(wrapped))
+    logger.info("hf_lars: the LR follows the measured B_noise (%r)", factor)
+    return wrapped
+

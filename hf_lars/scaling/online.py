@@ -1,0 +1,221 @@
+r"""Online learning-rate scaling: the LR follows the gradient noise scale measured while training.
+
+The surge paper's second finding (Li et al. 2024, arXiv 2405.14578) is that ``B_noise`` grows during
+training, so the batch size at which Adam's optimal LR peaks moves up.  A run launched at a batch ``B`` with an
+LR scaled for the ``B_noise`` known at launch therefore drifts away from the law's optimum.  Here the LR is
+re-derived at every logging step from the online estimate ``B_noise(t)`` (the
+:class:`~hf_lars.integrations.noise_monitor.GradientNoiseScaleMonitor`'s ``b_noise``) by the same law the
+launch used (:func:`hf_lars.scaling.scaled_lr`)::
+
+    law(b)    = scaled_lr(rule, ref_batch, 1.0, batch, b)        # the law's LR factor at B_noise = b
+    target(t) = clamp(law(B_noise(t)) / law(B_noise_0), min_factor, max_factor)
+    factor(t) = exp(smoothing * ln factor(t-1) + (1 - smoothing) * ln target(t))      factor(0) = 1
+    lr(t)     = schedule(t) * factor(t)
+
+``B_noise_0`` is the launch's ``--b_noise``: the launch LR (the schedule's peak) already carries
+``law(B_noise_0)``, so the factor is relative to it.  Without a launch value the launch LR is the reference
+LR and ``law(B_noise_0)`` counts as 1: the factor then carries the whole rescaling.  The bounds are on the
+factor, so the run's LR stays within ``[min_factor, max_factor]`` x the LR it was launched with.  A
+non-finite or non-positive estimate (``B_simple`` is a ratio of two noisy estimators and can be negative
+early on) changes nothing and is counted in ``skipped``.
+
+Only the laws that depend on ``B_noise`` (``surge``/``adam`` and ``sgd``) can follow it; ``linear``,
+``sqrt`` and ``none`` are fixed at launch (``ValueError`` says so).
+
+:class:`OnlineLrScheduler` composes the factor with any step-driven LR scheduler (it multiplies what the
+scheduler sets and saves the factor in the scheduler's ``state_dict``, so checkpoints carry it).  This module
+imports neither torch nor transformers; the Trainer side is :mod:`hf_lars.integrations.online_lr`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hf_lars.scaling.laws import canonical_rule, scaled_lr
+
+__all__ = ["ONLINE_RULES", "OnlineLrFactor", "OnlineLrScheduler"]
+
+#: Rules whose LR depends on ``B_noise`` (the only ones an online estimate can move).
+ONLINE_RULES: tuple[str, ...] = ("surge", "adam", "sgd")
+
+
+def _positive(name: str, value: Any, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive number)")
+    return float(value)
+
+
+class OnlineLrFactor:
+    """The LR factor of the module docstring: updated from ``B_noise`` estimates, bounded and smoothed.
+
+    Args:
+        rule: ``"surge"`` (alias ``"adam"``) or ``"sgd"``.
+        ref_batch: the global batch the reference LR was tuned at.
+        batch: this run's global batch.
+        b_noise: the launch's ``B_noise`` (what the launch LR was scaled with); ``None``: the launch LR is the
+            reference LR.
+        min_factor, max_factor: bounds of the factor (``0 < min_factor <= 1 <= max_factor``).
+        smoothing: weight of the previous factor in the log-space average (``0 <= smoothing < 1``; 0 follows
+            each estimate at once; the estimate itself is already an EMA of ~1/(1-beta) steps).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        *,
+        ref_batch: float,
+        batch: float,
+        b_noise: float | None = None,
+        min_factor: float = 0.25,
+        max_factor: float = 4.0,
+        smoothing: float = 0.0,
+    ) -> None:
+        if str(rule).strip().lower() not in ONLINE_RULES:
+            raise ValueError(
+                f"Online LR scaling follows B_noise, which only the rules {', '.join(ONLINE_RULES)} depend on; "
+                f"got {rule!r} (its LR is fixed at launch: drop the online switch, or use surge or sgd)"
+            )
+        self.rule = canonical_rule(rule)
+        self.ref_batch = _positive("ref_batch", ref_batch)
+        self.batch = _positive("batch", batch)
+        self.launch_b_noise = _positive("b_noise", b_noise, optional=True)
+        low, high = _positive("min_factor", min_factor), _positive("max_factor", max_factor)
+        if not low <= 1.0 <= high:
+            raise ValueError(
+                f"Invalid factor bounds [{min_factor!r}, {max_factor!r}]: need min_factor <= 1 <= max_factor "
+                "(the factor starts at 1, the launch LR)"
+            )
+        self.min_factor, self.max_factor = low, high
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"Invalid smoothing: {smoothing!r} (must be in [0, 1))")
+        self.smoothing = float(smoothing)
+        self._launch_law = 1.0 if self.launch_b_noise is None else self.law(self.launch_b_noise)
+        self.factor = 1.0
+        self.b_noise: float | None = None  # the last estimate used
+        self.updates = 0
+        self.skipped = 0
+
+    def law(self, b_noise: float) -> float:
+        """``scaled_lr(rule, ref_batch, 1.0, batch, b_noise)``: the law's LR factor for this run's batch."""
+        return float(scaled_lr(self.rule, self.ref_batch, 1.0, self.batch, b_noise))
+
+    def update(self, b_noise: float | None) -> float:
+        """Fold in one ``B_noise`` estimate (``None``/non-finite/non-positive: skipped); the new factor."""
+        if b_noise is None or isinstance(b_noise, bool) or not math.isfinite(b_noise) or b_noise <= 0:
+            self.skipped += 1
+            return self.factor
+        target = min(max(self.law(float(b_noise)) / self._launch_law, self.min_factor), self.max_factor)
+        log_factor = self.smoothing * math.log(self.factor) + (1.0 - self.smoothing) * math.log(target)
+        self.factor = min(max(math.exp(log_factor), self.min_factor), self.max_factor)
+        self.b_noise = float(b_noise)
+        self.updates += 1
+        return self.factor
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "ref_batch": self.ref_batch,
+            "batch": self.batch,
+            "launch_b_noise": self.launch_b_noise,
+            "min_factor": self.min_factor,
+            "max_factor": self.max_factor,
+            "smoothing": self.smoothing,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The factor, the last estimate, the counters and the settings they were computed with."""
+        return {**self._config(), "factor": self.factor, "b_noise": self.b_noise, "updates": self.updates,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; ``ValueError`` if it was saved with other settings (e.g. another batch)."""
+        mismatched = {k: (v, state.get(k)) for k, v in self._config().items() if state.get(k) != v}
+        if mismatched:
+            shown = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
+            raise ValueError(
+                f"The checkpoint's online LR factor was computed with other settings ({shown}): resume with the "
+                "same --lr_scaling flags and global batch, or start a fresh run"
+            )
+        self.factor = float(state["factor"])
+        self.b_noise = state["b_noise"]
+        self.updates = int(state["updates"])
+        self.skipped = int(state["skipped"])
+
+    def __repr__(self) -> str:
+        return f"OnlineLrFactor(rule={self.rule!r}, factor={self.factor:.4g}, b_noise={self.b_noise!r})"
+
+
+class OnlineLrScheduler:
+    """A step-driven LR scheduler whose learning rates are multiplied by an :class:`OnlineLrFactor`.
+
+    Each :meth:`step` puts back the scheduler's own LRs, steps it (so chainable schedulers compute from their
+    own values), then sets every group's ``lr`` to ``scheduler LR x factor``.  :meth:`update` folds in a new
+    ``B_noise`` estimate and applies the new factor at once (the next optimizer step uses it).
+    :meth:`get_last_lr` returns the LRs the optimizer uses; :meth:`state_dict` holds the wrapped scheduler's
+    state and the factor's.
+
+    A Trainer loop gets it from ``--lr_scaling_online`` (:mod:`hf_lars.integrations.online_lr`); an
+    Accelerate or hand-written loop wraps its scheduler and calls :meth:`update` at logging steps::
+
+        scheduler = OnlineLrScheduler(scheduler, OnlineLrFactor("surge", ref_batch=256, batch=global_batch))
+        ...
+        stats = monitor.compute()                      # GradientNoiseScaleMonitor: {"b_noise": ...}
+        stats["lr_factor"] = scheduler.update(stats.get("b_noise"))
+    """
+
+    def __init__(self, scheduler: Any, factor: OnlineLrFactor) -> None:
+        if type(scheduler).__name__ in ("ReduceLROnPlateau", "GreedyLR"):
+            raise ValueError(
+                f"Online LR scaling composes with step-driven schedules; {type(scheduler).__name__} steps on "
+                "metrics: use another --lr_scheduler_type"
+            )
+        if isinstance(scheduler, OnlineLrScheduler):
+            raise ValueError("This scheduler already follows an online LR factor")
+        self.scheduler = scheduler
+        self.factor = factor
+        self.optimizer = scheduler.optimizer
+        self._apply()
+
+    @property
+    def last_epoch(self) -> int:
+        return self.scheduler.last_epoch
+
+    def _scheduler_lrs(self) -> list[Any]:
+        return list(self.scheduler.get_last_lr())
+
+    def _apply(self) -> None:
+        factor = self.factor.factor
+        for group, lr in zip(self.optimizer.param_groups, self._scheduler_lrs()):
+            group["lr"] = lr * factor
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self._scheduler_lrs()):
+            group["lr"] = lr
+        self.scheduler.step(*args, **kwargs)
+        self._apply()
+
+    def update(self, b_noise: float | None) -> float:
+        """Fold in an estimate (see :meth:`OnlineLrFactor.update`), apply the factor now; the factor."""
+        factor = self.factor.update(b_noise)
+        self._apply()
+        return factor
+
+    def get_last_lr(self) -> list[Any]:
+        """The learning rates the optimizer uses now (the scheduler's, times the factor)."""
+        return [lr * self.factor.factor for lr in self._scheduler_lrs()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "online_lr_factor": self.factor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "online_lr_factor" not in state:
+            raise ValueError(
+                "This scheduler state has no online LR factor: it was saved without --lr_scaling_online; resume "
+                "with the flags the checkpoint was trained with"
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.factor.load_state_dict(state["online_lr_factor"])
+        self._apply()
