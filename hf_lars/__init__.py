@@ -27,7 +27,7 @@ _LAZY = {
     "GradientNoiseScale": "hf_lars.scaling",
     "GradientNoiseScaleCallback": "hf_lars.integrations.noise_scale",
     "OnlineLrFactor": "hf_lars.scaling.online",
-    "OnlineLrScheduler": "hf_lars.scaling.online",
+    "OnlineLrScheduler": "hf_lars.schedule",
 }
 
 

@@ -26,6 +26,11 @@ Batch-size scaling
 Rescaling a learning rate for a new batch size is :func:`hf_lars.scaling.scaled_lr` (linear, sqrt, the SGD
 and Adam/surge laws): the one function every front door calls.
 
+Following the noise scale
+-------------------------
+:class:`OnlineLrScheduler` multiplies any step-driven schedule by a factor recomputed from the gradient noise
+scale measured while training (:mod:`hf_lars.scaling.online`, ``--lr_scaling_online``).
+
 Works under DeepSpeed ZeRO and Accelerate
 -----------------------------------------
 The schedule reads ``lr0`` from each parameter group (``group["initial_lr"]``, else ``group["lr"]``) and never
@@ -47,12 +52,13 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 __all__ = [
     "WARMUP_KINDS",
     "warmup_poly_factor",
     "get_warmup_poly_schedule",
+    "OnlineLrScheduler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,3 +328,91 @@ def get_warmup_poly_schedule(
         for lr0 in lr0s
     ]
     return LambdaLR(optimizer, lr_lambdas, last_epoch=last_epoch)
+
+
+class OnlineLrScheduler(LRScheduler):
+    """A step-driven LR scheduler whose learning rates are multiplied by an online LR factor.
+
+    The factor is a :class:`hf_lars.scaling.online.OnlineLrFactor` (``B_noise`` -> LR factor by the surge or
+    SGD law, bounded and smoothed).  Each :meth:`step` puts back the wrapped scheduler's own LRs, steps it (so
+    chainable schedulers compute from their own values, never from a multiplied one), then sets every
+    group's ``lr`` to ``scheduler LR x factor``.  :meth:`update` folds in a new ``B_noise`` estimate and
+    applies the new factor at once (the next optimizer step uses it).  :meth:`get_last_lr` returns the LRs
+    the optimizer uses; :meth:`state_dict` holds the wrapped scheduler's state and the factor's, so a
+    checkpoint resumes both.
+
+    It is an :class:`~torch.optim.lr_scheduler.LRScheduler` (so ``accelerator.prepare`` and Trainer treat it
+    as one) that does not run the base class's ``__init__``: the wrapped scheduler already made its initial
+    step.  Trainer gets it from ``--lr_scaling_online`` (:mod:`hf_lars.integrations.online_lr`); a loop wraps
+    its scheduler, keeps the reference, and calls :meth:`update` at logging steps::
+
+        online = OnlineLrScheduler(scheduler, OnlineLrFactor("surge", ref_batch=256, batch=global_batch))
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, online)
+        ...
+        stats = monitor.compute()                      # GradientNoiseScaleMonitor: {"b_noise": ...}
+        stats["lr_factor"] = online.update(stats.get("b_noise"))
+    """
+
+    def __init__(self, scheduler: Any, factor: Any) -> None:  # noqa: D107 - no super().__init__: see above
+        if type(scheduler).__name__ in ("ReduceLROnPlateau", "GreedyLR"):
+            raise ValueError(
+                f"Online LR scaling composes with step-driven schedules; {type(scheduler).__name__} steps on "
+                "metrics: use another --lr_scheduler_type"
+            )
+        if isinstance(scheduler, OnlineLrScheduler):
+            raise ValueError("This scheduler already follows an online LR factor")
+        self.scheduler = scheduler
+        self.factor = factor
+        self.optimizer = scheduler.optimizer
+        self._apply()
+
+    # The wrapped scheduler's step counters, read and written through (Accelerate's AcceleratedScheduler
+    # advances ``_step_count`` on accumulation steps).
+    @property
+    def last_epoch(self) -> int:  # type: ignore[override]
+        return self.scheduler.last_epoch
+
+    @property
+    def _step_count(self) -> int:
+        return self.scheduler._step_count
+
+    @_step_count.setter
+    def _step_count(self, value: int) -> None:
+        self.scheduler._step_count = value
+
+    def _apply(self) -> None:
+        factor = self.factor.factor
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr * factor
+
+    def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.scheduler.step(*args, **kwargs)
+        self._apply()
+
+    def update(self, b_noise: float | None) -> float:
+        """Fold in an estimate (:meth:`~hf_lars.scaling.online.OnlineLrFactor.update`), apply it now; the factor."""
+        factor = self.factor.update(b_noise)
+        self._apply()
+        return factor
+
+    def get_last_lr(self) -> list[Any]:
+        """The learning rates the optimizer uses now (the wrapped scheduler's, times the factor)."""
+        return [lr * self.factor.factor for lr in self.scheduler.get_last_lr()]
+
+    def get_lr(self) -> list[Any]:
+        return self.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "online_lr_factor": self.factor.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "online_lr_factor" not in state_dict:
+            raise ValueError(
+                "This scheduler state has no online LR factor: it was saved without --lr_scaling_online; resume "
+                "with the flags the checkpoint was trained with"
+            )
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self.factor.load_state_dict(state_dict["online_lr_factor"])
+        self._apply()

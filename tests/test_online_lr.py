@@ -22,7 +22,8 @@ from hf_lars.integrations.lr_scaling import check_lr_scaling_flags
 from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback
 from hf_lars.integrations.online_lr import LR_FACTOR_KEY, OnlineLrScalingCallback
 from hf_lars.integrations.transformers import LarsTrainer, LarsTrainingArguments
-from hf_lars.scaling.online import OnlineLrFactor, OnlineLrScheduler
+from hf_lars.scaling.online import OnlineLrFactor
+from hf_lars.schedule import OnlineLrScheduler
 
 
 def _surge(batch: float, b_noise: float) -> float:
@@ -355,3 +356,41 @@ def test_deepspeed_zero_follows_b_noise(stage: int, injected: bool) -> None:
     _check_zero_run(result, INJECTED if injected else None)
     if not injected:
         assert sum(b is not None and math.isfinite(b) and b > 0 for b in result["b_noise"]) >= 3
+
+
+# ------------------------------------------------------------------------------------------ Accelerate
+def test_accelerate_loop_follows_the_monitor() -> None:
+    """The loop API: an OnlineLrScheduler through accelerator.prepare (AcceleratedScheduler around it), the
+    monitor's b_noise folded in at each "logging step", and the weights moved by exactly -sum_t lr_t G_t."""
+    from accelerate import Accelerator
+
+    from hf_lars.integrations.noise_monitor import GradientNoiseScaleMonitor
+
+    accum, micro, steps = 4, 8, 6
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    model = GaussianGradModel()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    online = OnlineLrScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps),
+                               OnlineLrFactor("surge", ref_batch=REF_BATCH, batch=micro * accum))
+    data = GaussianData(steps * accum * micro, seed=9)
+    loader = torch.utils.data.DataLoader(data, batch_size=micro)
+    model, opt, loader, scheduler = accelerator.prepare(model, opt, loader, online)
+    monitor = GradientNoiseScaleMonitor(model, micro, auto_step=lambda: accelerator.sync_gradients)
+    lrs, factors = [], []
+    for i, batch in enumerate(loader):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(batch["x"])["loss"])
+            if accelerator.sync_gradients:
+                lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+            opt.zero_grad()
+        if accelerator.sync_gradients:
+            factors.append(online.update(monitor.compute().get("b_noise")))
+    monitor.detach()
+    assert len(lrs) == steps and len(set(round(f, 9) for f in factors)) >= 3
+    expected_lrs = [LR * (1 - t / steps) * (factors[t - 1] if t else 1.0) for t in range(steps)]
+    assert lrs == pytest.approx(expected_lrs, rel=1e-9)
+    means = data.x.double().reshape(steps, accum * micro, -1).mean(1)
+    expected_w = -(torch.tensor(expected_lrs, dtype=torch.float64)[:, None] * means).sum(0)
+    assert torch.allclose(model.w.detach().double(), expected_w, rtol=1e-5, atol=1e-7)

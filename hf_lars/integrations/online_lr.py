@@ -4,7 +4,7 @@ The math is :mod:`hf_lars.scaling.online`; this module connects it to Trainer:
 
 - :func:`attach_online_lr_scaling` (called by ``create_scheduler``, both the patched ``Trainer``'s and
   :class:`~hf_lars.LarsTrainer`'s, with any scheduler): wraps ``trainer.lr_scheduler`` in an
-  :class:`~hf_lars.scaling.online.OnlineLrScheduler`, adds a
+  :class:`~hf_lars.schedule.OnlineLrScheduler`, adds a
   :class:`~hf_lars.integrations.noise_scale.GradientNoiseScaleCallback` if the trainer has none, and an
   :class:`OnlineLrScalingCallback` right after it.
 - :class:`OnlineLrScalingCallback`: at each training log, the ``b_noise`` the noise callback has just added
@@ -27,7 +27,7 @@ from transformers import TrainerState
 from hf_lars.integrations.callbacks import TrainingLogCallback
 from hf_lars.integrations.lr_scaling import online_lr_factor
 from hf_lars.integrations.noise_scale import add_noise_scale_callback
-from hf_lars.scaling.online import OnlineLrScheduler
+from hf_lars.schedule import OnlineLrScheduler
 
 __all__ = ["LR_FACTOR_KEY", "OnlineLrScalingCallback", "attach_online_lr_scaling"]
 
@@ -38,7 +38,7 @@ LR_FACTOR_KEY = "lr_factor"
 
 
 class OnlineLrScalingCallback(TrainingLogCallback):
-    """Update an :class:`~hf_lars.scaling.online.OnlineLrScheduler` from each training log's ``b_noise``.
+    """Update an :class:`~hf_lars.schedule.OnlineLrScheduler` from each training log's ``b_noise``.
 
     Must come after the :class:`GradientNoiseScaleCallback` that adds ``b_noise`` (what
     :func:`attach_online_lr_scaling` arranges).  Logs ``lr_factor``; a log without a usable ``b_noise``

@@ -22,9 +22,10 @@ early on) changes nothing and is counted in ``skipped``.
 Only the laws that depend on ``B_noise`` (``surge``/``adam`` and ``sgd``) can follow it; ``linear``,
 ``sqrt`` and ``none`` are fixed at launch (``ValueError`` says so).
 
-:class:`OnlineLrScheduler` composes the factor with any step-driven LR scheduler (it multiplies what the
-scheduler sets and saves the factor in the scheduler's ``state_dict``, so checkpoints carry it).  This module
-imports neither torch nor transformers; the Trainer side is :mod:`hf_lars.integrations.online_lr`.
+:class:`hf_lars.schedule.OnlineLrScheduler` composes the factor with any step-driven LR scheduler (it
+multiplies what the scheduler sets and saves the factor in the scheduler's ``state_dict``, so checkpoints carry
+it).  This module is plain Python like the rest of :mod:`hf_lars.scaling`; the Trainer side is
+:mod:`hf_lars.integrations.online_lr`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 from hf_lars.scaling.laws import canonical_rule, scaled_lr
 
-__all__ = ["ONLINE_RULES", "OnlineLrFactor", "OnlineLrScheduler"]
+__all__ = ["ONLINE_RULES", "OnlineLrFactor"]
 
 #: Rules whose LR depends on ``B_noise`` (the only ones an online estimate can move).
 ONLINE_RULES: tuple[str, ...] = ("surge", "adam", "sgd")
@@ -146,76 +147,3 @@ class OnlineLrFactor:
 
     def __repr__(self) -> str:
         return f"OnlineLrFactor(rule={self.rule!r}, factor={self.factor:.4g}, b_noise={self.b_noise!r})"
-
-
-class OnlineLrScheduler:
-    """A step-driven LR scheduler whose learning rates are multiplied by an :class:`OnlineLrFactor`.
-
-    Each :meth:`step` puts back the scheduler's own LRs, steps it (so chainable schedulers compute from their
-    own values), then sets every group's ``lr`` to ``scheduler LR x factor``.  :meth:`update` folds in a new
-    ``B_noise`` estimate and applies the new factor at once (the next optimizer step uses it).
-    :meth:`get_last_lr` returns the LRs the optimizer uses; :meth:`state_dict` holds the wrapped scheduler's
-    state and the factor's.
-
-    A Trainer loop gets it from ``--lr_scaling_online`` (:mod:`hf_lars.integrations.online_lr`); an
-    Accelerate or hand-written loop wraps its scheduler and calls :meth:`update` at logging steps::
-
-        scheduler = OnlineLrScheduler(scheduler, OnlineLrFactor("surge", ref_batch=256, batch=global_batch))
-        ...
-        stats = monitor.compute()                      # GradientNoiseScaleMonitor: {"b_noise": ...}
-        stats["lr_factor"] = scheduler.update(stats.get("b_noise"))
-    """
-
-    def __init__(self, scheduler: Any, factor: OnlineLrFactor) -> None:
-        if type(scheduler).__name__ in ("ReduceLROnPlateau", "GreedyLR"):
-            raise ValueError(
-                f"Online LR scaling composes with step-driven schedules; {type(scheduler).__name__} steps on "
-                "metrics: use another --lr_scheduler_type"
-            )
-        if isinstance(scheduler, OnlineLrScheduler):
-            raise ValueError("This scheduler already follows an online LR factor")
-        self.scheduler = scheduler
-        self.factor = factor
-        self.optimizer = scheduler.optimizer
-        self._apply()
-
-    @property
-    def last_epoch(self) -> int:
-        return self.scheduler.last_epoch
-
-    def _scheduler_lrs(self) -> list[Any]:
-        return list(self.scheduler.get_last_lr())
-
-    def _apply(self) -> None:
-        factor = self.factor.factor
-        for group, lr in zip(self.optimizer.param_groups, self._scheduler_lrs()):
-            group["lr"] = lr * factor
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self._scheduler_lrs()):
-            group["lr"] = lr
-        self.scheduler.step(*args, **kwargs)
-        self._apply()
-
-    def update(self, b_noise: float | None) -> float:
-        """Fold in an estimate (see :meth:`OnlineLrFactor.update`), apply the factor now; the factor."""
-        factor = self.factor.update(b_noise)
-        self._apply()
-        return factor
-
-    def get_last_lr(self) -> list[Any]:
-        """The learning rates the optimizer uses now (the scheduler's, times the factor)."""
-        return [lr * self.factor.factor for lr in self._scheduler_lrs()]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(), "online_lr_factor": self.factor.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "online_lr_factor" not in state:
-            raise ValueError(
-                "This scheduler state has no online LR factor: it was saved without --lr_scaling_online; resume "
-                "with the flags the checkpoint was trained with"
-            )
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.factor.load_state_dict(state["online_lr_factor"])
-        self._apply()
