@@ -181,7 +181,7 @@ def deepspeed_run(
     if engine_name.endswith("_offload"):  # ZeRO-Offload: fp32 partitions on the CPU, the client optimizer kept
         zero = {"offload_optimizer": {"device": "cpu"}}
     sub_group_size = 10**4 if fused else 60 if model_name == "wide" else 40  # fused: one ZeRO-3 sub-group
-    config = C.ds_config(stage, bf16=bf16, sub_group_size=sub_group_size, **zero)
+    config = C.ds_config(stage, bf16=bf16, sub_group_size=sub_group_size, world=dist.get_world_size(), **zero)
     if zero:
         config["zero_force_ds_cpu_optimizer"] = False
     config["gradient_clipping"] = CLIP

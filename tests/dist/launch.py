@@ -38,7 +38,8 @@ def backend_params(*names: str) -> list[Any]:
         marks = []
         if pg_backend == "nccl":
             gpus = torch.cuda.device_count()
-            marks = [pytest.mark.gpu, pytest.mark.skipif(gpus < nproc, reason=f"{name}: needs {nproc} GPU(s), found {gpus}")]
+            reason = f"{name}: needs {nproc} GPU(s), found {gpus}"
+            marks = [pytest.mark.gpu, pytest.mark.skipif(gpus < nproc, reason=reason)]
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 

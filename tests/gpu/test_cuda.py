@@ -194,7 +194,9 @@ def test_deepspeed_fp16_overflow_skips_the_step() -> None:
 FUSED_RTOL = 1e-6  # tests/test_optim_fused.py's tolerance on the CPU: fp32 rounding of reordered sums
 
 
-def _stepped_pair(name: str) -> tuple[list[nn.Parameter], list[nn.Parameter], torch.optim.Optimizer, torch.optim.Optimizer]:
+def _stepped_pair(
+    name: str,
+) -> tuple[list[nn.Parameter], list[nn.Parameter], torch.optim.Optimizer, torch.optim.Optimizer]:
     """The same CUDA parameters under the eager step (foreach, CUDA's default) and the fused step."""
     cls, kwargs = OPTIMIZERS[name]
     eager = [nn.Parameter(t.cuda()) for t in _layers()]
