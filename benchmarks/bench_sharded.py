@@ -9,10 +9,13 @@ For ZeRO-2, ZeRO-3 and FSDP2 and each optimizer, three runs on the same model:
   parameter), no engine.
 
 Timed: the optimizer's ``step()`` (the part the layouts change; wrapped on the instance, so under ZeRO it
-covers each per-group / per-sub-group call; ranks are lined up by an untimed barrier first) and the whole
-training step (forward, backward, engine step; includes those barriers for all three runs).
+covers each per-group / per-sub-group call; ranks are lined up by an untimed barrier first), the time spent
+inside ``torch.distributed.all_reduce`` during those calls (the exact path's one collective per group, and
+RangerLARS's cut-row sums under ZeRO; it includes waiting for the other rank), and the whole training step
+(forward, backward, engine step; includes those barriers for all three runs).
 Exact and naive engines live side by side and are stepped alternately so both see the same machine load.
-Medians over ``--steps`` steps after ``--warmup``.
+Medians over ``--steps`` steps after ``--warmup``; the load average is printed before and after (the
+machine may be shared: compare ratios, not milliseconds, across runs).
 
 Usage:  python benchmarks/bench_sharded.py            (launches itself with torchrun --nproc_per_node 2)
 """
@@ -70,16 +73,36 @@ class Timed:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, sync: bool) -> None:
-        self.optimizer, self._step, self.times, self.sync = optimizer, optimizer.step, [], sync
+        self.optimizer, self._step, self.sync = optimizer, optimizer.step, sync
+        self.times: list[float] = []
+        self.all_reduce_times: list[float] = []  # per step() call: seconds inside dist.all_reduce
         optimizer.step = self  # type: ignore[method-assign]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.sync:
             dist.barrier()
+        original, spent = dist.all_reduce, [0.0]
+
+        def timed_all_reduce(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        dist.all_reduce = timed_all_reduce
         t0 = time.perf_counter()
-        out = self._step(*args, **kwargs)
-        self.times.append(time.perf_counter() - t0)
+        try:
+            out = self._step(*args, **kwargs)
+        finally:
+            self.times.append(time.perf_counter() - t0)
+            dist.all_reduce = original
+        self.all_reduce_times.append(spent[0])
         return out
+
+    def clear(self) -> None:
+        self.times.clear()
+        self.all_reduce_times.clear()
 
 
 class Runner:
@@ -97,7 +120,7 @@ class Runner:
             for block in model:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        opt = cls(list(model.named_parameters()), **kwargs, foreach=args.foreach)
+        opt = cls(list(model.named_parameters()), **kwargs, foreach=args.foreach, fused=True if args.fused else None)
         self.timer = Timed(opt, sync=True)
         if kind.startswith("zero"):
             import deepspeed
@@ -121,7 +144,7 @@ class Runner:
         self.total: list[float] = []
         with naive_layouts(enabled=naive):
             self.step()  # the first step builds (and caches) the layouts
-        self.timer.times.clear()
+        self.timer.clear()
         self.total.clear()
 
     def step(self) -> None:
@@ -152,7 +175,7 @@ def bench(kind: str, opt_name: str, args: argparse.Namespace) -> dict[str, float
         for r in runners.values():
             r.step()
     for r in runners.values():
-        r.timer.times.clear()
+        r.timer.clear()
         r.total.clear()
     for _ in range(args.steps):
         for r in runners.values():  # interleaved: the same machine load for all three
@@ -162,7 +185,9 @@ def bench(kind: str, opt_name: str, args: argparse.Namespace) -> dict[str, float
         # per training step: all the optimizer.step() calls the engine made in it
         calls = len(r.timer.times) // args.steps
         per_step = [sum(r.timer.times[i * calls : (i + 1) * calls]) for i in range(args.steps)]
+        in_all_reduce = [sum(r.timer.all_reduce_times[i * calls : (i + 1) * calls]) for i in range(args.steps)]
         out[f"{name}_opt_ms"] = median_ms(per_step)
+        out[f"{name}_all_reduce_ms"] = median_ms(in_all_reduce)
         out[f"{name}_total_ms"] = median_ms(r.total)
         r.close()
     return out
@@ -183,7 +208,12 @@ def main() -> None:
         help="the optimizers' foreach flag (auto: their default, the per-tensor loop on CPU)",
     )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument(
+        "--fused", action="store_true", help="fused=True for all three runs (compiles per run: minutes on 2 cores)"
+    )
     args = parser.parse_args()
+    if args.fused and args.foreach != "auto":
+        parser.error("--fused and --foreach on/off are two implementations; give one")
     args.foreach = {"auto": None, "on": True, "off": False}[args.foreach]
     if "RANK" not in os.environ:  # launch ourselves on 2 processes
         cmd = [
@@ -204,6 +234,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    load_before = os.getloadavg()
     n_params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())
     rows = []
     for kind in args.engines.split(","):
@@ -219,9 +250,11 @@ def main() -> None:
             f"\nhf_lars sharded step time: {n_params / 1e6:.2f}M parameters in {layers} layers, 2 CPU processes "
             f"(gloo), batch {MICRO_BATCH}/rank, median of {args.steps} steps (ms; slowest rank)\n"
         )
+        print(f"load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+              f"after: {'/'.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         head = (
-            f"{'engine':7} {'optimizer':11} | {'optimizer step()':^40} | {'training step':^32}\n"
-            f"{'':7} {'':11} | {'unsharded':>9} {'naive':>8} {'exact':>8} {'exact/naive':>12} | "
+            f"{'engine':7} {'optimizer':11} | {'optimizer step()':^50} | {'training step':^32}\n"
+            f"{'':7} {'':11} | {'unsharded':>9} {'naive':>8} {'exact':>8} {'all-red.':>8} {'exact/naive':>12} | "
             f"{'naive':>8} {'exact':>8} {'exact/naive':>12}"
         )
         print(head)
@@ -231,10 +264,11 @@ def main() -> None:
             total_ratio = r["exact_total_ms"] / r["naive_total_ms"]
             print(
                 f"{kind:7} {opt_name:11} | {r['unsharded_opt_ms']:9.2f} {r['naive_opt_ms']:8.2f} "
-                f"{r['exact_opt_ms']:8.2f} {opt_ratio:11.3f}x | {r['naive_total_ms']:8.2f} {r['exact_total_ms']:8.2f} "
-                f"{total_ratio:11.3f}x"
+                f"{r['exact_opt_ms']:8.2f} {r['exact_all_reduce_ms']:8.2f} {opt_ratio:11.3f}x | "
+                f"{r['naive_total_ms']:8.2f} {r['exact_total_ms']:8.2f} {total_ratio:11.3f}x"
             )
         print("\nunsharded: every process steps all parameters (DDP-like), no engine, not timed as a training step.")
+        print("all-red.: of the exact step(), the time inside torch.distributed.all_reduce (waiting included).")
     dist.barrier()
     dist.destroy_process_group()
 

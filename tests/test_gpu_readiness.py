@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import types
 import weakref
 
@@ -306,3 +307,28 @@ def test_gpu_check_script_reports_that_there_is_no_gpu(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = (tmp_path / "gpu_check.md").read_text()
     assert report.startswith("# hf_lars GPU check") and "No CUDA device" in report
+
+
+def test_gpu_check_dry_run_lists_and_checks_every_part(tmp_path):
+    """``scripts/gpu_check.sh --dry-run`` on the CPU: no shell error (``bash -n``), every part listed with its
+    command and limit, each pytest selection collects tests, each benchmark parses ``--help``; exit 0."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        ["bash", str(script), "--dry-run", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "(dry run: nothing ran on a GPU)" in report and "0 failed" in report, report
+    parts = ["gpu_tests", "nccl_exactness", "launch_counts", "bench_fused", "cuda_step_fp32", "cuda_step_bf16",
+             "bench_step_cpu"]
+    for name in parts:
+        assert f"## {name}: would run (limit " in report, name
+    collected = [int(n) for n in re.findall(r"^(\d+) tests collected$", report, flags=re.M)]
+    assert len(collected) == 3 and min(collected) > 0, collected
+    assert "tests/test_sharded_exact.py -k nccl1" in report  # no GPU visible: the one-GPU selection
+    assert report.count("--help parses") == 4

@@ -15,6 +15,8 @@ from torch import nn
 from hf_lars import LARS, AdamLARS, RangerLARS
 from hf_lars.integrations import deepspeed as hf_ds
 
+from dist.launch import backend_params
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
 EXPECTED = {"zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero2_bf16", "zero3_bf16"}
 
@@ -179,11 +181,12 @@ def test_check_config_reads_paths(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- 2 processes, one launch
 
 
-@pytest.fixture(scope="module")
-def integration_run() -> dict[str, Any]:
+@pytest.fixture(scope="module", params=backend_params("gloo", "nccl"))
+def integration_run(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One launch per backend: gloo on 2 CPU processes; NCCL on 2 GPUs (marked gpu, skipped without them)."""
     from dist.launch import torchrun
 
-    return torchrun("integration.py")
+    return torchrun("integration.py", backend=request.param)
 
 
 @pytest.mark.distributed

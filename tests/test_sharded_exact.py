@@ -1,9 +1,12 @@
 """Sharded training is exact: LARS, AdamLARS and RangerLARS under ZeRO-1/2/3 and FSDP2 equal one process.
 
-One ``torchrun`` launch per engine and backend (``tests/dist/exact.py``, 2 processes) loops over the
-optimizers and models; the tests here assert on its JSON.  Backends: gloo (2 CPU processes, always) and
-NCCL (2 GPUs, marked ``gpu``, run where at least 2 GPUs exist), where ZeRO-Offload (``zero2_offload``,
-``zero3_offload``: fp32 partitions on the CPU, NCCL only) joins the engines.  Models (``tests/dist/_common.py``):
+One ``torchrun`` launch per engine and backend (``tests/dist/exact.py``) loops over the optimizers and models;
+the tests here assert on its JSON.  Backends (``tests/dist/launch.py``): ``gloo`` (2 CPU processes, always),
+``nccl`` (2 GPUs) and ``nccl1`` (1 GPU, one process: the engines' layouts and NCCL's collective on a one-GPU
+machine), both marked ``gpu`` and skipped without the GPUs.  Under NCCL ZeRO-Offload (``zero2_offload``,
+``zero3_offload``: fp32 partitions on the CPU, NCCL only) joins the engines; FSDP2 CPU offload
+(``fsdp2_offload``: ``CPUOffloadPolicy``, sharded parameters and the step on the CPU) runs on every backend
+(on gloo it runs the offload code path with the CPU as the device).  Models (``tests/dist/_common.py``):
 
 * ``groups``: Trainer-style param groups (matrices / 1-D layers / a one-element ``logit_scale`` group that
   lies wholly on rank 0, so rank 1 steps a partition of pure padding);
@@ -15,6 +18,11 @@ Every run clips the global gradient norm at ``CLIP`` = 0.1 (DeepSpeed ``gradient
 clip then step), which clips at every step: the smallest pre-clip norm is 0.19 (asserted > 0.1).  So
 RangerLARS's Gradient Centralization, which runs inside ``step()`` in every mode, must centre the clipped
 gradient, rows cut by ZeRO partition boundaries included (the ``groups`` model has such rows: asserted).
+
+The fused step (``fused=True``: two compiled passes with the all-reduce between) runs once per optimizer on the
+``mixed`` model under ZeRO-2, ZeRO-3 (one sub-group) and FSDP2, against the same eager unsharded reference and
+tolerance (compiling costs ~10-60 s per launch; ``tests/dist/launch.py`` shares one inductor cache directory
+between ranks and runs).
 
 Tolerances: fp32 <= 1e-5 relative per layer after 10 steps (RangerLARS: 5 unrectified, 5 real) (measured with clipping, 6 steps: <= 6e-7).  bf16 <= 1e-5 relative
 against a single-process emulation of DeepSpeed's bf16 arithmetic (bf16 gradients of each rank's half batch,
@@ -28,35 +36,33 @@ local shard treated as one layer: what other LAMB implementations do) is off by 
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import pytest
-import torch
+
+from dist.launch import BACKENDS, backend_params
 
 pytestmark = pytest.mark.distributed
 
-ENGINES = ("zero1", "zero2", "zero3", "fsdp2")
+ENGINES = ("zero1", "zero2", "zero3", "fsdp2", "fsdp2_offload")
 OFFLOAD_ENGINES = ("zero2_offload", "zero3_offload")  # NCCL only: under gloo the CPU is the device anyway
 BF16_ENGINES = ("zero2", "zero3")
+FUSED_ENGINES = ("zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("lars", "adam_lars", "ranger_lars")
 MODELS = ("groups", "mixed")
 TOL = 1e-5
-_NCCL_MARKS = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cases need 2 GPUs"),
-]
 CLIP = 0.1  # tests/dist/exact.py
 
 _RUNS: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _run(engine: str, backend: str) -> dict[str, Any]:
-    """One launch per engine and backend for the whole module (bf16 cases ride along for ZeRO-2/3)."""
+    """One launch per engine and backend for the whole module (bf16 and fused cases ride along)."""
     if (engine, backend) not in _RUNS:
         from dist.launch import torchrun
 
         args = ["--engine", engine] + (["--bf16"] if engine in BF16_ENGINES else [])
+        args += ["--fused"] if engine in FUSED_ENGINES else []
         _RUNS[engine, backend] = torchrun("exact.py", *args, partial=True, backend=backend)
     return _RUNS[engine, backend]
 
@@ -71,11 +77,25 @@ def _case(engine: str, key: str, backend: str = "gloo") -> dict[str, Any]:
     return case
 
 
-def _with_backends(cases: list[tuple[str, ...]], nccl_extra: list[tuple[str, ...]] = ()) -> list[Any]:
-    """Every case under gloo, and under NCCL (gpu-marked) together with the NCCL-only cases."""
-    out: list[Any] = [pytest.param("gloo", *c, id="-".join(("gloo", *c))) for c in cases]
-    out += [pytest.param("nccl", *c, marks=_NCCL_MARKS, id="-".join(("nccl", *c))) for c in [*cases, *nccl_extra]]
+def _with_backends(
+    cases: list[tuple[str, ...]],
+    nccl_extra: list[tuple[str, ...]] = (),
+    keep: Any = lambda backend, case: True,
+) -> list[Any]:
+    """Every case on every backend (NCCL ones gpu-marked), the NCCL-only cases on NCCL; ``keep`` filters."""
+    out: list[Any] = []
+    for param in backend_params():
+        (backend,) = param.values
+        extra = nccl_extra if BACKENDS[backend][0] == "nccl" else []
+        for case in [*cases, *extra]:
+            if keep(backend, case):
+                out.append(pytest.param(backend, *case, marks=param.marks, id="-".join((backend, *case))))
     return out
+
+
+def _naive_is_a_control(backend: str, case: tuple[str, ...]) -> bool:
+    """The naive control is wrong only where a layer is cut: on one process FSDP2's local shard is the layer."""
+    return BACKENDS[backend][1] > 1 or not case[0].startswith("fsdp2")
 
 
 CASES = _with_backends(
@@ -84,8 +104,11 @@ CASES = _with_backends(
 )
 BF16_CASES = _with_backends([(e, o, m) for e in BF16_ENGINES for m in MODELS for o in OPTIMIZERS])
 NAIVE_CASES = _with_backends(
-    [(e, o) for e in ENGINES for o in OPTIMIZERS], [(e, o) for e in OFFLOAD_ENGINES for o in OPTIMIZERS]
+    [(e, o) for e in ENGINES for o in OPTIMIZERS],
+    [(e, o) for e in OFFLOAD_ENGINES for o in OPTIMIZERS],
+    keep=_naive_is_a_control,
 )
+FUSED_CASES = _with_backends([(e, o) for e in FUSED_ENGINES for o in OPTIMIZERS])
 
 
 @pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
@@ -110,7 +133,7 @@ def test_naive_per_partition_norms_are_wrong(backend: str, engine: str, opt: str
     # 1000x the tolerance the exact path meets (measured: >= 0.36 under ZeRO, >= 1e-2 under FSDP2), except
     # RangerLARS under FSDP2: half of each layer's rows is a fair sample of its norms, and RangerLARS steps
     # in 5 of the 10 steps only (measured 6.1e-4, 60x the tolerance, ~3000x the exact path's error).
-    factor = 30 if (engine, opt) == ("fsdp2", "ranger_lars") else 1000
+    factor = 30 if engine.startswith("fsdp2") and opt == "ranger_lars" else 1000
     # The naive layout takes a whole ZeRO-3 flat partition as one layer, tail padding included, which DeepSpeed
     # leaves uninitialised: its norms can come out NaN, which now propagates (docs/design.md) -- wrong too.
     err = case["max_rel_err"]
@@ -118,9 +141,7 @@ def test_naive_per_partition_norms_are_wrong(backend: str, engine: str, opt: str
     assert all(s["calls"] == 0 for s in case["step_calls"]), "the naive path must not communicate"
 
 
-@pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
-def test_one_all_reduce_per_group_step(backend: str, engine: str, opt: str, model: str) -> None:
-    case = _case(engine, f"{opt}/{model}", backend)
+def _assert_collectives(case: dict[str, Any], engine: str, opt: str, model: str, world: int) -> None:
     steps = case["step_calls"]
     assert steps, "the engine never called step()"
     for s in steps:
@@ -133,12 +154,33 @@ def test_one_all_reduce_per_group_step(backend: str, engine: str, opt: str, mode
         assert s["gc_collectives"] == (s["cut_rows"] > 0), s
         assert s["payload"] <= max(s["max_payload"], s["cut_rows"]), f"payload {s['payload']} too big ({s})"
     assert any(s["calls"] >= 1 for s in steps)
-    if opt != "ranger_lars" or engine == "fsdp2":
+    if opt != "ranger_lars" or engine.startswith("fsdp2"):
         assert all(s["gc_collectives"] == 0 for s in steps), "only RangerLARS under ZeRO centres cut rows"
     if engine.startswith("zero"):
         assert all(s["calls"] <= (2 if opt == "ranger_lars" else 1) for s in steps)
-    if engine.startswith("zero") and opt == "ranger_lars" and model == "groups":
+    if engine.startswith("zero") and opt == "ranger_lars" and model == "groups" and world > 1:
         assert any(s["calls"] == 2 and s["cut_rows"] > 0 for s in steps), "no row is cut by a partition boundary"
+
+
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
+def test_one_all_reduce_per_group_step(backend: str, engine: str, opt: str, model: str) -> None:
+    case = _case(engine, f"{opt}/{model}", backend)
+    _assert_collectives(case, engine, opt, model, _run(engine, backend)["world"])
+
+
+@pytest.mark.parametrize(("backend", "engine", "opt"), FUSED_CASES)
+def test_fused_matches_unsharded_fp32(backend: str, engine: str, opt: str) -> None:
+    """``fused=True`` under sharding equals the eager unsharded run, to the eager path's tolerance."""
+    case = _case(engine, f"{opt}/mixed/fused", backend)
+    assert max(case["moved"].values()) > 0.05, "training barely moved the weights: the comparison is void"
+    assert case["min_grad_norm"] > CLIP
+    assert case["max_rel_err"] <= TOL, sorted(case["rel_err"].items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.mark.parametrize(("backend", "engine", "opt"), FUSED_CASES)
+def test_fused_one_all_reduce_per_group_step(backend: str, engine: str, opt: str) -> None:
+    case = _case(engine, f"{opt}/mixed/fused", backend)
+    _assert_collectives(case, engine, opt, "mixed", _run(engine, backend)["world"])
 
 
 def test_cases_exercise_the_hard_layouts() -> None:

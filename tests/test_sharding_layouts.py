@@ -1,8 +1,9 @@
 """Layer maps (:mod:`hf_lars.sharding`): unit tests, and 2-process tests under ZeRO-1/2/3, bf16 and FSDP2.
 
-The distributed test launches ``tests/dist/layouts.py`` once (``torchrun``, 2 CPU processes, gloo): a probe
-optimizer records the pieces each rank is handed at ``step()``; the pieces of all ranks, concatenated in
-rank order, must rebuild every layer bitwise and its full-batch gradient.
+The distributed test launches ``tests/dist/layouts.py`` once per backend (``torchrun``, 2 processes: gloo on the
+CPU, and NCCL on 2 GPUs, marked ``gpu`` and skipped without them): a probe optimizer records the pieces each
+rank is handed at ``step()``; the pieces of all ranks, concatenated in rank order, must rebuild every layer
+bitwise and its full-batch gradient.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from hf_lars import AdamLARS, sharding
 from hf_lars.layout import Segment, StepLayout, TensorLayout
 from hf_lars.optim.ranger_lars import centralize_gradient
 from hf_lars.sharding import zero3
+
+from dist.launch import backend_params
 
 # --------------------------------------------------------------------------------------- unit tests
 
@@ -173,11 +176,11 @@ def test_row_centring_of_whole_rows_is_local() -> None:
 # ---------------------------------------------------------------------------- 2 processes, one launch
 
 
-@pytest.fixture(scope="module")
-def layouts_run() -> dict[str, Any]:
+@pytest.fixture(scope="module", params=backend_params("gloo", "nccl"))
+def layouts_run(request: pytest.FixtureRequest) -> dict[str, Any]:
     from dist.launch import torchrun
 
-    return torchrun("layouts.py")
+    return torchrun("layouts.py", backend=request.param)
 
 
 ENGINE_CASES = [

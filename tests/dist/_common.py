@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # appended: a PYTHONPATH entry (e.g. an installed checkout) wins
@@ -214,17 +214,42 @@ def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config:
     return engine
 
 
-def fsdp2_shard(model: nn.Module) -> nn.Module:
+def fsdp2_shard(model: nn.Module, offload: bool = False) -> nn.Module:
+    """``fully_shard`` each child with parameters, then the root, over all ranks.
+
+    ``offload``: FSDP2 CPU offload (``CPUOffloadPolicy``): the sharded parameters, their gradients and so the
+    optimizer step live on the CPU, whatever the backend; memory is pinned only where there is a GPU.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device().type, (dist.get_world_size(),))
     model.to(device())
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device().type == "cuda")
     for module in model.children():
         if any(True for _ in module.parameters()):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
     return model
+
+
+def clip_local_shards_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for FSDP2 ``Shard(0)`` parameters whose shards may live on the CPU.
+
+    Under NCCL with CPU offload torch's version all-reduces CPU tensors over a group without a CPU backend
+    (users there create ``"cuda:nccl,cpu:gloo"``); this one sums the local shards' squares, all-reduces that
+    one number on this rank's device and scales the local gradients with torch's coefficient.
+    """
+    grads = [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+    local = torch.stack([g.float().square().sum() for g in grads]).sum()
+    total = local.to(device())
+    dist.all_reduce(total)
+    norm = total.sqrt().to(local.device)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def full_state(model: nn.Module, engine: Any = None) -> dict[str, torch.Tensor]:
@@ -247,8 +272,12 @@ def full_state(model: nn.Module, engine: Any = None) -> dict[str, torch.Tensor]:
     for n, p in model.named_parameters():
         t = p.detach()
         if isinstance(t, DTensor):
+            if t.to_local().device.type != t.device_mesh.device_type:  # CPU-offloaded shard: gather on the device
+                t = DTensor.from_local(
+                    t.to_local().to(device()), t.device_mesh, t.placements, shape=t.shape, stride=t.stride()
+                )
             t = t.full_tensor()
-        out[n] = t.float().clone()
+        out[n] = t.float().cpu().clone()
     return out
 
 

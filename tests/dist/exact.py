@@ -7,8 +7,13 @@ makes, the ``torch.distributed.all_reduce`` calls made inside it and their paylo
 control where :func:`hf_lars.sharding.tensor_layouts` is replaced by the naive layout every other LAMB
 uses (each flat partition / local shard is one layer, norms are local).
 
-Usage: torchrun --nproc_per_node 2 tests/dist/exact.py --engine zero2 [--bf16] --out result.json
-(``HF_LARS_TEST_BACKEND=nccl``: one GPU per rank; ``--engine zero2_offload`` keeps the partitions on the CPU.)
+With ``--fused`` each optimizer also runs once with ``fused=True`` (the compiled two-pass step) on the
+``mixed`` model, against the same eager unsharded reference (keys ``<optimizer>/mixed/fused``; ZeRO-3 then
+uses one sub-group per group, so that each rank compiles one function per pass).
+
+Usage: torchrun --nproc_per_node 2 tests/dist/exact.py --engine zero2 [--bf16] [--fused] --out result.json
+(``HF_LARS_TEST_BACKEND=nccl``: one GPU per rank, 1 or 2 ranks; ``--engine zero2_offload`` / ``zero3_offload`` keep
+ZeRO's fp32 partitions on the CPU, ``fsdp2_offload`` FSDP2's sharded parameters (``CPUOffloadPolicy``).)
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ CLIP = 0.1
 # Per-case limits: the first DeepSpeed case may JIT-build DeepSpeed's shared-memory op (~30 s to 2 min).
 CASE_LIMIT_S = 60.0
 FIRST_CASE_LIMIT_S = 600.0
+FUSED_CASE_LIMIT_S = 600.0  # compiles two passes per rank (cold inductor cache on 2 busy cores: minutes)
+FUSED_MODEL = "mixed"
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     # Large enough steps that a wrong norm shows: LARS moves each layer by ~lr*eta*||w|| = 2% per step.
@@ -158,7 +165,14 @@ def reference_run(
 
 
 def deepspeed_run(
-    engine_name: str, opt_name: str, model_name: str, split: bool, batches: list, rank: int, bf16: bool
+    engine_name: str,
+    opt_name: str,
+    model_name: str,
+    split: bool,
+    batches: list,
+    rank: int,
+    bf16: bool,
+    fused: bool = False,
 ) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -166,12 +180,13 @@ def deepspeed_run(
     zero: dict[str, Any] = {}
     if engine_name.endswith("_offload"):  # ZeRO-Offload: fp32 partitions on the CPU, the client optimizer kept
         zero = {"offload_optimizer": {"device": "cpu"}}
-    config = C.ds_config(stage, bf16=bf16, sub_group_size=60 if model_name == "wide" else 40, **zero)
+    sub_group_size = 10**4 if fused else 60 if model_name == "wide" else 40  # fused: one ZeRO-3 sub-group
+    config = C.ds_config(stage, bf16=bf16, sub_group_size=sub_group_size, world=dist.get_world_size(), **zero)
     if zero:
         config["zero_force_ds_cpu_optimizer"] = False
     config["gradient_clipping"] = CLIP
     model = C.make_model(model_name)
-    opt = make_optimizer(opt_name, model, split)
+    opt = make_optimizer(opt_name, model, split, fused=fused)
     counter = StepCounter(opt)
     engine = C.deepspeed_engine(model, opt, config)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -206,15 +221,18 @@ def _held_layers(model: nn.Module) -> list[list[str]]:
 
 
 def fsdp2_run(
-    opt_name: str, model_name: str, split: bool, batches: list, rank: int
+    opt_name: str, model_name: str, split: bool, batches: list, rank: int, offload: bool = False, fused: bool = False
 ) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
-    model = C.fsdp2_shard(C.make_model(model_name))
-    opt = make_optimizer(opt_name, model, split)
+    model = C.fsdp2_shard(C.make_model(model_name), offload=offload)
+    opt = make_optimizer(opt_name, model, split, fused=fused)
     counter = StepCounter(opt)
     for batch in batches:
         x, y = (t.to(C.device()) for t in C.local_slice(batch, rank))
         C.loss_fn(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # DTensor gradients: the global norm
+        if offload:  # CPU shards under NCCL: torch's clip would all-reduce CPU tensors over NCCL
+            C.clip_local_shards_(model, CLIP)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # DTensor gradients: the global norm
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: t.cpu() for n, t in C.full_state(model).items()}, counter.records, _held_layers(model)
@@ -232,7 +250,9 @@ def compare(got: dict[str, Tensor], ref: dict[str, Tensor], init: dict[str, Tens
     return {"max_rel_err": worst, "rel_err": errs, "moved": moved}
 
 
-def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool, rank: int, world: int) -> dict:
+def run_case(
+    engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool, rank: int, world: int, fused: bool = False
+) -> dict:
     """One case; exceptions are recorded (and asserted on by the pytest side), not raised."""
     model_name, split = MODELS[model_key]
     batches = C.global_batches(STEPS, world, out_features=3 if model_name == "wide" else 1)
@@ -242,10 +262,11 @@ def run_case(engine: str, opt_name: str, model_key: str, naive: bool, bf16: bool
         init = {n: p.detach().clone() for n, p in C.make_model(model_name).named_parameters()}
         ref, record["min_grad_norm"] = reference_run(opt_name, model_name, split, batches, bf16)
         hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
-        if engine == "fsdp2":
-            got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank)
+        if engine.startswith("fsdp2"):
+            offload = engine == "fsdp2_offload"
+            got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank, offload, fused)
         else:
-            got, steps, held = deepspeed_run(engine, opt_name, model_name, split, batches, rank, bf16)
+            got, steps, held = deepspeed_run(engine, opt_name, model_name, split, batches, rank, bf16, fused)
         record.update(compare(got, ref, init))
         record["step_calls"] = steps
         record["held"] = held
@@ -260,9 +281,12 @@ def main() -> None:
     args = C.parse_args(
         lambda p: (
             p.add_argument(
-                "--engine", required=True, choices=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp2"]
+                "--engine",
+                required=True,
+                choices=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp2", "fsdp2_offload"],
             ),
             p.add_argument("--bf16", action="store_true", help="also run every case in bf16"),
+            p.add_argument("--fused", action="store_true", help=f"also run each optimizer fused on '{FUSED_MODEL}'"),
             p.add_argument("--optimizers", default=",".join(OPTIMIZERS)),
             p.add_argument("--models", default="groups,mixed", help="model keys; negative controls run with 'mixed'"),
         )
@@ -283,13 +307,17 @@ def main() -> None:
     # Cases that cannot hang first (an optimizer that skips the collective on a rank without adapted
     # pieces deadlocks the "mixed" cases; results are written after every case).
     models = args.models.split(",")
-    cases = [(o, m, False, bf16) for m in models if m != "mixed" for bf16 in dtypes for o in names]
+    # (optimizer, model, naive, bf16, fused)
+    cases = [(o, m, False, bf16, False) for m in models if m != "mixed" for bf16 in dtypes for o in names]
     if "mixed" in models:
-        cases += [(o, "mixed", True, False) for o in names]  # negative controls: no collective at all
-        cases += [(o, "mixed", False, bf16) for bf16 in dtypes for o in names]
-    for opt_name, model_key, naive, bf16 in cases:
+        cases += [(o, "mixed", True, False, False) for o in names]  # negative controls: no collective at all
+        cases += [(o, "mixed", False, bf16, False) for bf16 in dtypes for o in names]
+    if args.fused:  # last: a slow compile never holds up the eager cases' results
+        cases += [(o, FUSED_MODEL, False, False, True) for o in names]
+    for opt_name, model_key, naive, bf16, fused in cases:
         key = f"{opt_name}/{model_key}" + ("/bf16" if bf16 else "") + ("/naive" if naive else "")
-        limit = FIRST_CASE_LIMIT_S if not results["cases"] else CASE_LIMIT_S
+        key += "/fused" if fused else ""
+        limit = FUSED_CASE_LIMIT_S if fused else FIRST_CASE_LIMIT_S if not results["cases"] else CASE_LIMIT_S
 
         def hung(key: str = key, limit: float = limit) -> None:
             results["cases"][key] = {
@@ -300,7 +328,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         with C.watchdog(limit, hung):
-            record = run_case(args.engine, opt_name, model_key, naive, bf16, rank, world)
+            record = run_case(args.engine, opt_name, model_key, naive, bf16, rank, world, fused)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, record.get("error"))
         record["errors_by_rank"] = gathered

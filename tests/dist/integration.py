@@ -15,12 +15,16 @@ Cases (results by name in the JSON):
 * ``stage0_<route>``: stage 0 + bf16 (DeepSpeed's ``FP16_UnfusedOptimizer``), AdamLARS as a client
   optimizer or by config ``"type"``: ``initialize`` counts no step and leaves the weights as they were
   (``deepspeed_patches``); ``stage0_unpatched`` is the control with DeepSpeed's own method.
+
+Backends: gloo on 2 CPU processes, or ``HF_LARS_TEST_BACKEND=nccl`` on 2 GPUs (batches go to each engine's
+device; Accelerate then builds its own GPU state, as ``accelerate launch`` would).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 import _common as C
@@ -51,12 +55,12 @@ def fill_auto(cfg: dict[str, Any], world: int) -> dict[str, Any]:
 def train(engine: Any, rank: int, world: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    for x, y in C.global_batches(STEPS, world):
-        x, y = C.local_slice((x, y), rank)
+    for batch in C.global_batches(STEPS, world):
+        x, y = (t.to(engine.device) for t in C.local_slice(batch, rank))
         loss = C.loss_fn(engine(x), y)
         engine.backward(loss)
         engine.step()
-    return {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
 
 
 def config_type_case(stage: int, rank: int, world: int) -> dict[str, Any]:
@@ -105,14 +109,16 @@ def stage0_case(route: str, rank: int) -> dict[str, Any]:
         steps = sorted({float(s["step"]) for s in opt.state.values()})
         # The fp32 master weights (what the optimizer steps; copied to the bf16 model at the next step).
         masters = [p for group in engine.optimizer.fp32_groups for p in group]
-        unchanged = len(masters) == len(before) and all(torch.equal(b, m) for b, m in zip(before.values(), masters))
+        unchanged = len(masters) == len(before) and all(
+            torch.equal(b, m.detach().cpu()) for b, m in zip(before.values(), masters)
+        )
         out = {
             "wrapper": type(engine.optimizer).__name__,
             "steps_after_initialize": steps,
             "weights_unchanged": unchanged,
             "patch_installed": deepspeed_patches.installed(),
         }
-        x, y = C.local_slice(C.global_batches(1, 2)[0], rank)
+        x, y = (t.to(engine.device) for t in C.local_slice(C.global_batches(1, 2)[0], rank))
         loss = C.loss_fn(engine(x.to(torch.bfloat16)), y.to(torch.bfloat16))
         engine.backward(loss)
         engine.step()
@@ -183,9 +189,13 @@ def accelerate_cases(rank: int, world: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     state = init_cpu_distributed_state(deepspeed=True)
+    if state is None:  # GPUs: Accelerate's own state, as `accelerate launch` with a DeepSpeed config builds it
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        state = PartialState()
     out["num_processes"] = state.num_processes
-    x_all, y_all = C.global_batches(1, world)[0]
-    x, y = C.local_slice((x_all, y_all), rank)
+    x, y = (t.to(C.device()) for t in C.local_slice(C.global_batches(1, world)[0], rank))
 
     cfg = fill_auto(json.loads((C.REPO / "ds_configs" / "zero2.json").read_text()), world)
     cfg["optimizer"] = {"type": "AdamLARS", "params": {"lr": 1e-2, "weight_decay": "auto"}}

@@ -1,4 +1,11 @@
-"""Run a script of ``tests/dist`` under ``torchrun`` (2 processes, gloo or NCCL) and return its JSON result."""
+"""Run a script of ``tests/dist`` under ``torchrun`` (2 processes, gloo or NCCL) and return its JSON result.
+
+Every distributed test names the *backend* it runs on (:data:`BACKENDS`): ``gloo`` (2 CPU processes, what CI
+runs), ``nccl`` (2 processes, one GPU each) and ``nccl1`` (one process on one GPU: a machine with a single
+GPU still runs the engines' layouts and NCCL's collective, ZeRO-Offload's CPU partitions included).
+:func:`backend_params` makes them pytest parameters; the NCCL ones are marked ``gpu`` and skipped, at no
+cost, where the GPUs are missing.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,28 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+
+# name -> (process-group backend, processes); under NCCL each process drives GPU LOCAL_RANK.
+BACKENDS: dict[str, tuple[str, int]] = {"gloo": ("gloo", 2), "nccl": ("nccl", 2), "nccl1": ("nccl", 1)}
+
+
+def backend_params(*names: str) -> list[Any]:
+    """``pytest.param`` for each backend name (default: all), the NCCL ones marked ``gpu`` and skipped
+    without enough GPUs (the check is a device count: nothing is launched to skip)."""
+    import pytest
+    import torch
+
+    out = []
+    for name in names or tuple(BACKENDS):
+        pg_backend, nproc = BACKENDS[name]
+        marks = []
+        if pg_backend == "nccl":
+            gpus = torch.cuda.device_count()
+            reason = f"{name}: needs {nproc} GPU(s), found {gpus}"
+            marks = [pytest.mark.gpu, pytest.mark.skipif(gpus < nproc, reason=reason)]
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
 
 # The first DeepSpeed run on a machine JIT-builds its shared-memory comm op (g++ + ninja, ~30 s; cached in
 # ~/.cache/torch_extensions afterwards), and 2 CPU cores may be shared with other jobs: be generous.
@@ -31,6 +60,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # The checkout is appended: an explicit PYTHONPATH (e.g. another checkout under test) wins.
     env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), str(REPO)])
     env.setdefault("OMP_NUM_THREADS", "1")
+    # One inductor cache for every rank and every launch (the fused cases compile): reruns start warm.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "hf_lars_inductor_cache"))
     if extra:
         env.update(extra)
     return env
@@ -39,7 +70,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def torchrun(
     script: str,
     *args: str,
-    nproc: int = 2,
+    nproc: int | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     env: dict[str, str] | None = None,
     partial: bool = False,
@@ -47,8 +78,9 @@ def torchrun(
 ) -> dict[str, Any]:
     """``torchrun --nproc_per_node nproc tests/dist/<script> --out <json> *args``; the parsed JSON.
 
-    ``backend``: ``"gloo"`` (CPU processes) or ``"nccl"`` (one GPU per process), passed to the script as
-    ``HF_LARS_TEST_BACKEND`` (scripts read it through ``_common.backend()``).
+    ``backend``: a name of :data:`BACKENDS` (``"gloo"``: CPU processes; ``"nccl"``, ``"nccl1"``: one GPU per
+    process), which also gives ``nproc`` unless it is passed.  The process-group backend reaches the script
+    as ``HF_LARS_TEST_BACKEND`` (scripts read it through ``_common.backend()``).
 
     With ``partial=True`` a run that fails after writing some results returns them, with the failure's
     log under the key ``"_failure"`` (scripts that write after every case let each test report its own).
@@ -56,6 +88,10 @@ def torchrun(
     Raises:
         AssertionError: the run failed or timed out (with the tail of its output) and left no results.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown test backend {backend!r}; use one of {sorted(BACKENDS)}")
+    pg_backend, default_nproc = BACKENDS[backend]
+    nproc = default_nproc if nproc is None else nproc
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -73,7 +109,7 @@ def torchrun(
             str(out),
             *args,
         ]
-        return _run(cmd, out, timeout, {**(env or {}), "HF_LARS_TEST_BACKEND": backend}, partial)
+        return _run(cmd, out, timeout, {**(env or {}), "HF_LARS_TEST_BACKEND": pg_backend}, partial)
 
 
 def _communicate(cmd: list[str], timeout: float, env: dict[str, str] | None) -> tuple[int | None, str]:

@@ -6,6 +6,7 @@ concatenates, per layer, the pieces of all ranks in rank order (and step-call or
 with the layer's full initial weights (bitwise) and the full-batch gradient of an unsharded copy.
 
 Usage: torchrun --nproc_per_node 2 tests/dist/layouts.py --out result.json
+(``HF_LARS_TEST_BACKEND=nccl``: one GPU per rank; the pieces are copied to the CPU before they are gathered.)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Probe(torch.optim.Optimizer):
                 plan = layout.row_centring()
                 local_grads = plan.centre(local_grads, centralize_gradient)
                 cut_rows = plan.num_cut_rows
-            grads = [g.clone() for g in layout.pieces(local_grads)]
+            grads = list(layout.pieces(local_grads))
             sizes = [p.to_local().numel() if lay.dtensor else p.numel() for p, lay in zip(stepped, layouts)]
             groups = {dist.get_world_size(lay.process_group) if lay.process_group is not None else 1 for lay in layouts}
             self.calls.append(
@@ -60,8 +61,9 @@ class Probe(torch.optim.Optimizer):
                     "group": g_idx,
                     "names": names,
                     "layers": list(layout.piece_layer),
-                    "weights": [w.clone() for w in weights],
-                    "grads": grads,
+                    # copies on the CPU (gathered there; the engine reuses its buffers)
+                    "weights": [w.to("cpu", copy=True) for w in weights],
+                    "grads": [g.to("cpu", copy=True) for g in grads],
                     "cut_rows": cut_rows,
                     "stepped_numel": sum(sizes),
                     "whole_rows": [lay.whole_rows for lay in layouts],
@@ -95,7 +97,7 @@ def run_deepspeed(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor])
     # gc "reference": only the reference is centred (a control)
     probe = Probe(C.param_groups(model, split=case.get("split", True)), gc=case.get("gc") is True)
     engine = C.deepspeed_engine(model, probe, config)
-    x, y = C.local_slice(batch, rank)
+    x, y = (t.to(engine.device) for t in C.local_slice(batch, rank))
     x = x.to(next(engine.module.parameters()).dtype)
     loss = C.loss_fn(engine(x), y)
     engine.backward(loss)
@@ -122,7 +124,7 @@ def run_fsdp2(case: dict[str, Any], rank: int, batch: tuple[Tensor, Tensor]) -> 
     else:
         C.fsdp2_shard(model)
         probe = Probe(C.param_groups(model, split=case.get("split", True)), gc=case.get("gc") is True)
-    x, y = C.local_slice(batch, rank)
+    x, y = (t.to(C.device()) for t in C.local_slice(batch, rank))
     C.loss_fn(model(x), y).backward()
     probe.step()
     return probe.calls
@@ -204,9 +206,9 @@ def dtensor_checks() -> dict[str, Any]:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     world = dist.get_world_size()
-    full = torch.arange(35.0).reshape(7, 5)
-    mesh1 = init_device_mesh("cpu", (world,))
-    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    full = torch.arange(35.0, device=C.device()).reshape(7, 5)
+    mesh1 = init_device_mesh(C.device().type, (world,))
+    mesh2 = init_device_mesh(C.device().type, (1, world), mesh_dim_names=("replicate", "shard"))
     out: dict[str, Any] = {}
     d = distribute_tensor(full, mesh2, [Replicate(), Shard(0)])
     hsdp = sharding.tensor_layouts([d], [d])[0]

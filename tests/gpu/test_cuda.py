@@ -1,4 +1,5 @@
-"""The optimizers on one CUDA GPU: sync-free steps, GPU == CPU, bf16, GradScaler, CUDA graphs, NCCL offload.
+"""The optimizers on one CUDA GPU: sync-free steps, GPU == CPU, bf16, GradScaler, CUDA graphs, NCCL offload,
+and the fused step (``fused=True``): equal to the eager step, sync-free, generated as Triton kernels.
 
 Skipped without CUDA (marked ``gpu``); ``scripts/gpu_check.sh`` runs them with the NCCL variants of the
 distributed tests and the step benchmark.  NOT YET RUN ON A GPU: written and reviewed on a CPU-only machine
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from hf_lars import LARS, AdamLARS, RangerLARS
+from optim_cases import assert_close_scaled
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -186,3 +188,64 @@ def test_deepspeed_fp16_overflow_skips_the_step() -> None:
     assert result["skipped_steps"] >= 1, result
     assert result["unchanged_while_skipped"], result
     assert result["moved_after"] and result["finite"], result
+
+
+# ------------------------------------------------------------------------------------------ fused step
+FUSED_RTOL = 1e-6  # tests/test_optim_fused.py's tolerance on the CPU: fp32 rounding of reordered sums
+
+
+def _stepped_pair(
+    name: str,
+) -> tuple[list[nn.Parameter], list[nn.Parameter], torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The same CUDA parameters under the eager step (foreach, CUDA's default) and the fused step."""
+    cls, kwargs = OPTIMIZERS[name]
+    eager = [nn.Parameter(t.cuda()) for t in _layers()]
+    fused = [nn.Parameter(t.cuda()) for t in _layers()]
+    return eager, fused, cls(eager, foreach=True, **kwargs), cls(fused, fused=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_equals_eager_on_cuda(name: str) -> None:
+    """``STEPS`` (10) steps: weights and every state tensor of the fused step equal the eager step's to
+    ``FUSED_RTOL`` of each tensor's scale; RangerLARS's 10 steps cross its unrectified phase."""
+    eager, fused, opt_e, opt_f = _stepped_pair(name)
+    init = [p.detach().clone() for p in eager]
+    for step in range(STEPS):
+        for pe, pf, g in zip(eager, fused, _grads(step, eager)):
+            pe.grad, pf.grad = g.cuda(), g.cuda()
+        opt_e.step()
+        opt_f.step()
+    assert any(not torch.equal(p, w0) for p, w0 in zip(eager, init)), "training did not move the weights"
+    for i, (pe, pf) in enumerate(zip(eager, fused)):
+        assert_close_scaled(pf, pe, FUSED_RTOL, f"{name} parameter {i}")
+        for key, value in opt_e.state[pe].items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert_close_scaled(opt_f.state[pf][key], value, FUSED_RTOL, f"{name} parameter {i} {key}")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_steady_state_step_has_no_host_sync(name: str) -> None:
+    _, fused, _, opt = _stepped_pair(name)
+    for step in range(4):
+        for p, g in zip(fused, _grads(step, fused)):
+            p.grad = g.cuda()
+        if step < 2:  # compilation and first-step caches
+            opt.step()
+            continue
+        with sync_is_an_error():
+            opt.step()
+
+
+def test_fused_step_is_generated_as_triton_kernels() -> None:
+    """inductor's output code for the first fused step (compiled afresh: caches off) holds Triton kernels."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    params = [nn.Parameter(torch.randn(24, 40, device="cuda")), nn.Parameter(torch.randn(40, device="cuda"))]
+    opt = AdamLARS(params, lr=1e-2, fused=True)  # shapes no other test compiles
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with inductor_config.patch(force_disable_caches=True):
+        _, codes = run_and_get_code(opt.step)
+    assert codes, "no code was generated: the fused step did not compile"
+    assert any("@triton.jit" in code for code in codes), codes[0][:2000]
