@@ -185,8 +185,9 @@ class StepLayout:
         return len(self._segments)
 
     def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors."""
-        return [t.to_local() if lay.dtensor else t for t, lay in zip(tensors, self.layouts)]
+        """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors; tensors that
+        are local already (e.g. gradients centred ahead of the step) are taken as they are."""
+        return [t.to_local() if lay.dtensor and is_dtensor(t) else t for t, lay in zip(tensors, self.layouts)]
 
     def pieces(self, tensors: Sequence[Tensor], *, cache: bool = False) -> list[Tensor]:
         """Views of ``tensors`` (parallel to the stepped tensors) cut into the layout's pieces.
