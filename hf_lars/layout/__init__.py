@@ -148,7 +148,9 @@ class StepLayout:
         self.layer_shapes = None if layer_shapes is None else [torch.Size(s) for s in layer_shapes]
         # Per layer: stored (in, out), its output dimension last (stacked experts used as x @ W); Gradient
         # Centralization then centres its columns.  None: every layer is stored (out, in) like nn.Linear.
-        self.layer_transposed = [False] * num_layers if layer_transposed is None else [bool(t) for t in layer_transposed]
+        self.layer_transposed = (
+            [False] * num_layers if layer_transposed is None else [bool(t) for t in layer_transposed]
+        )
         self._row_centring: Any = None  # hf_lars.layout.row_centring.RowCentring, built on first use
         self.trivial = all(lay.whole for lay in self.layouts)
         groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}

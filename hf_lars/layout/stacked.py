@@ -139,7 +139,9 @@ def stacked_layers(
     return StackedLayers(tuple(out_shapes), tuple(param), tuple(expert), flags, tuple(first), tuple(counts))
 
 
-def split_stacked(layouts: Sequence[TensorLayout], full_shapes: Sequence[Sequence[int]], layers: StackedLayers) -> list[TensorLayout]:
+def split_stacked(
+    layouts: Sequence[TensorLayout], full_shapes: Sequence[Sequence[int]], layers: StackedLayers
+) -> list[TensorLayout]:
     """The layouts of the stepped tensors with every piece of a stacked parameter cut at expert boundaries.
 
     ``layouts`` come from the engines (``Segment.layer`` indexes the group's parameters, ``layer_offset`` is

@@ -21,7 +21,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
-from hf_lars.layout.stacked import STACKED_KEYS, StackedLayers, check_stacked, check_stacked_keys, split_stacked, stacked_layers
+from hf_lars.layout.stacked import (
+    STACKED_KEYS,
+    StackedLayers,
+    check_stacked,
+    check_stacked_keys,
+    split_stacked,
+    stacked_layers,
+)
 from hf_lars.optim.working_copies import unscaled_gradients
 
 __all__ = ["TrustRatioOptimizer", "check_bool", "check_range", "default_foreach"]

@@ -47,7 +47,8 @@ def dtensor_layout(t: Tensor, layer: int) -> TensorLayout:
     mesh_dim, placement = sharded[0]
     group = mesh.get_group(mesh_dim=mesh_dim)
     if placement.dim == 0 and not isinstance(placement, _StridedShard):
-        segments = (Segment(layer, 0, local_numel, _dim0_offset(t, mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))),)
+        offset = _dim0_offset(t, mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
+        segments = (Segment(layer, 0, local_numel, offset),)
     return TensorLayout(segments, process_group=group, whole_rows=placement.dim == 0, dtensor=True)
 
 
