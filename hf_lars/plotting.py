@@ -29,6 +29,7 @@ __all__ = [
     "load_loss_history",
     "find_trainer_state",
     "plot_trust_ratios",
+    "expert_blocks",
     "plot_loss_curves",
     "plot_losses",
 ]
@@ -93,7 +94,7 @@ def load_trust_ratios(source: str | Path) -> TrustRatioHistory:
     if not rows:
         raise ValueError(f"{path} holds no trust-ratio rows")
     steps = sorted(rows)
-    names = list(layers)
+    names = _experts_together(list(layers))
     values = np.full((len(names), len(steps)), np.nan)
     index = {name: i for i, name in enumerate(names)}
     for j, step in enumerate(steps):
@@ -101,6 +102,37 @@ def load_trust_ratios(source: str | Path) -> TrustRatioHistory:
             if ratio is not None and math.isfinite(ratio) and ratio > 0:
                 values[index[name], j] = ratio
     return TrustRatioHistory(steps, names, values)
+
+
+_EXPERT = re.compile(r"^(?P<base>.+)\[(?P<expert>\d+)\]$")  # a stacked MoE parameter's expert: name[e]
+
+
+def _experts_together(names: Sequence[str]) -> list[str]:
+    """First-appearance order, with the experts of each stacked parameter (``name[e]``) adjacent and in order.
+
+    Under sharding the per-rank dicts are merged, so one parameter's experts may first appear apart.
+    """
+    order: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        match = _EXPERT.match(name)
+        base, expert = (name, -1) if match is None else (match["base"] + "[]", int(match["expert"]))
+        order.setdefault(base, []).append((expert, name))
+    return [name for members in order.values() for _, name in sorted(members)]
+
+
+def expert_blocks(names: Sequence[str]) -> list[tuple[int, int]]:
+    """``(first row, end row)`` of every run of experts of one stacked parameter in ``names``."""
+    blocks: list[tuple[int, int]] = []
+    previous = None
+    for i, name in enumerate(names):
+        match = _EXPERT.match(name)
+        base = None if match is None else match["base"]
+        if base is not None and base == previous:
+            blocks[-1] = (blocks[-1][0], i + 1)
+        elif base is not None:
+            blocks.append((i, i + 1))
+        previous = base
+    return blocks
 
 
 def _short_names(names: Sequence[str]) -> list[str]:
@@ -131,6 +163,9 @@ def plot_trust_ratios(
     max_layer_labels: int = 60,
 ) -> Path:
     """Heatmap of per-layer trust ratios (rows: layers in model order; columns: logging steps), log colours.
+
+    A stacked MoE parameter has one row per expert (``name[e]``), its experts adjacent and framed by white
+    lines, labelled ``name[0]``, ``[1]``, ``[2]``, ...
 
     Args:
         source: ``trust_ratios.jsonl`` or the run's output directory.
@@ -163,6 +198,11 @@ def plot_trust_ratios(
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax))
     rows = _tick_positions(n_layers, max_layer_labels)
     labels = _short_names(history.layers)
+    for start, end in expert_blocks(history.layers):  # one row per expert, each stacked parameter framed
+        ax.axhline(start - 0.5, color="white", linewidth=0.8)
+        ax.axhline(end - 0.5, color="white", linewidth=0.8)
+        for i in range(start + 1, end):
+            labels[i] = labels[i][labels[i].rfind("[") :]  # "[e]" under the parameter's full "name[0]"
     ax.set_yticks(rows)
     ax.set_yticklabels([labels[i] for i in rows], fontsize=7 if n_layers > 30 else 8)
     cols = _tick_positions(n_steps, 12)

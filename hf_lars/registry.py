@@ -22,6 +22,8 @@ __all__ = [
     "get_optimizer_info",
     "create_optimizer",
     "build_param_groups",
+    "declare_stacked",
+    "STACKED_ATTRIBUTE",
 ]
 
 
@@ -94,6 +96,43 @@ def _default_decay_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if n in decay and id(p) not in norm_ids]
 
 
+#: The attribute :func:`declare_stacked` sets on a parameter: the param-group keys it stands for.
+STACKED_ATTRIBUTE = "hf_lars_stacked"
+
+
+def declare_stacked(param: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+    """Declare that ``param`` (shape ``[n, *rest]``) stacks ``n`` layers along dim 0, e.g. your own MoE experts.
+
+    :func:`build_param_groups` (so ``create_optimizer``, Trainer's ``--optim`` and the Accelerate helper)
+    then puts it in a group with ``stacked_dim=0``: every expert gets its own trust ratio, exclusion decision
+    and Gradient Centralization (docs/design.md, "Mixture-of-experts: stacked layers").  ``transposed=True``:
+    each layer is stored ``(in, out)`` (used as ``x @ W[e]``), so GC centres its output columns.  The
+    experts of transformers' own MoE models are found without this.  Declare on the parameters the
+    optimizer is built from (after ``fully_shard``, which makes new parameters).  Returns ``param``.
+
+    Raises:
+        ValueError: ``param`` has fewer than two dimensions, or ``transposed`` is not a bool.
+    """
+    from hf_lars.layout.stacked import check_stacked
+    from hf_lars.sharding import layer_shape
+
+    check_stacked(layer_shape(param), 0, transposed, what="the declared parameter")
+    setattr(param, STACKED_ATTRIBUTE, {"stacked_dim": 0, "stacked_transposed": transposed})
+    return param
+
+
+def _stacked_keys(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{parameter name: stacked group keys}``: declared parameters, then transformers' known experts."""
+    from hf_lars.integrations.transformers.stacked import stacked_parameters
+
+    out = {n: {"stacked_dim": 0, "stacked_transposed": t} for n, t in stacked_parameters(model).items()}
+    for n, p in model.named_parameters():
+        declared = getattr(p, STACKED_ATTRIBUTE, None)
+        if declared is not None:
+            out[n] = dict(declared)
+    return out
+
+
 def build_param_groups(
     model: nn.Module,
     weight_decay: float = 0.0,
@@ -111,6 +150,11 @@ def build_param_groups(
     ``adapt_excluded`` (LARS yes, AdamLARS/RangerLARS no; docs/design.md, "Exclusion: two decisions").  Extra
     keyword arguments go into both groups.  Frozen parameters are skipped and empty groups dropped.
 
+    Parameters that stack layers along dim 0 (the experts of transformers' MoE models, found by
+    :func:`hf_lars.integrations.transformers.stacked.stacked_parameters`, and any :func:`declare_stacked`)
+    go into groups of their own beside each of the two, with ``stacked_dim=0`` and ``stacked_transposed``
+    (docs/design.md, "Mixture-of-experts: stacked layers"); a model without them gets the two groups only.
+
     Args:
         decay_parameter_names: the names that decay.  A Trainer passes its ``get_decay_parameter_names``
             (so overrides count); the default is that same rule of transformers (no biases, nothing named like
@@ -120,16 +164,20 @@ def build_param_groups(
     if decay_parameter_names is None:
         decay_parameter_names = _default_decay_parameter_names(model)
     decay_names = set(decay_parameter_names)
+    stacked = _stacked_keys(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [(n, p) for n, p in named if n in decay_names], "weight_decay": weight_decay, **group_kwargs},
-        {
-            "params": [(n, p) for n, p in named if n not in decay_names],
-            "weight_decay": 0.0,
-            "excluded": True,
-            **group_kwargs,
-        },
-    ]
+    splits = [(True, {"weight_decay": weight_decay}), (False, {"weight_decay": 0.0, "excluded": True})]
+    kinds = [None, False, True]  # ordinary, stacked (out, in), stacked (in, out)
+    groups = []
+    for decays, keys in splits:
+        for kind in kinds:
+            params = [
+                (n, p)
+                for n, p in named
+                if (n in decay_names) == decays and (stacked[n]["stacked_transposed"] if n in stacked else None) is kind
+            ]
+            declaration = {} if kind is None else {"stacked_dim": 0, "stacked_transposed": kind}
+            groups.append({"params": params, **keys, **declaration, **group_kwargs})
     return [g for g in groups if g["params"]]
 
 

@@ -8,6 +8,11 @@ optionally, written per layer to ``trust_ratios.jsonl``, one line per logging st
 
     {"step": 20, "trust_ratios": {"model.layers.0.self_attn.q_proj.weight": 0.0041, ...}}
 
+Each expert of a stacked MoE parameter is a layer of its own, named ``<parameter>[<expert>]``
+(``model.layers.0.mlp.experts.gate_up_proj[3]``): the file and the heatmap have one row per expert, and the
+summary adds ``trust_ratio_expert_spread``, the largest max/min ratio among the experts of one stacked
+parameter (docs/design.md, "Mixture-of-experts: stacked layers").
+
 ``hf-lars plot-trust OUTPUT_DIR`` draws that file as a heatmap.  :class:`TrustRatioLogger` is the piece a
 custom (Accelerate) loop calls; the Trainer callback (:mod:`hf_lars.integrations.callbacks`) uses the same
 functions.  This module imports neither transformers nor accelerate.
@@ -19,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,8 @@ __all__ = [
     "find_trust_ratio_optimizer",
     "trust_ratio_values",
     "summarize_trust_ratios",
+    "expert_spread",
+    "split_expert_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,9 +108,39 @@ def trust_ratio_values(optimizer: Any, *, gather: bool = False) -> dict[str, flo
     return values
 
 
+_EXPERT = re.compile(r"^(?P<base>.+)\[(?P<expert>\d+)\]$")
+
+
+def split_expert_name(name: str) -> tuple[str, int | None]:
+    """``("...gate_up_proj", 3)`` for the layer name ``"...gate_up_proj[3]"``; ``(name, None)`` for a plain layer."""
+    match = _EXPERT.match(name)
+    return (name, None) if match is None else (match["base"], int(match["expert"]))
+
+
+def expert_spread(values: Mapping[str, float]) -> float | None:
+    """The largest ``max / min`` trust ratio among the experts of one stacked parameter; ``None`` without experts.
+
+    NaN if an expert's ratio is not finite or not positive (the spread is then unknown, never hidden).
+    """
+    experts: dict[str, list[float]] = {}
+    for name, value in values.items():
+        base, expert = split_expert_name(name)
+        if expert is not None:
+            experts.setdefault(base, []).append(value)
+    if not experts:
+        return None
+    spreads = []
+    for ratios in experts.values():
+        if not all(math.isfinite(r) and r > 0 for r in ratios):
+            return math.nan
+        spreads.append(max(ratios) / min(ratios))
+    return max(spreads)
+
+
 def summarize_trust_ratios(values: Mapping[str, float]) -> dict[str, float]:
     """``{"trust_ratio_min", "trust_ratio_median", "trust_ratio_max"}`` of per-layer ratios (empty if none).
 
+    With stacked MoE experts, ``trust_ratio_expert_spread`` (:func:`expert_spread`) is added.
     The median of an even count is the mean of the two middle values.  If any ratio is not finite (a NaN
     or infinite gradient or weight), all three are NaN and ``trust_ratio_nonfinite`` counts those layers: a
     diverging layer must not hide behind healthy-looking statistics.
@@ -115,7 +153,11 @@ def summarize_trust_ratios(values: Mapping[str, float]) -> dict[str, float]:
     ordered = sorted(values.values())
     n = len(ordered)
     median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-    return dict(zip(STAT_KEYS, (ordered[0], median, ordered[-1])))
+    stats = dict(zip(STAT_KEYS, (ordered[0], median, ordered[-1])))
+    spread = expert_spread(values)
+    if spread is not None:
+        stats["trust_ratio_expert_spread"] = spread
+    return stats
 
 
 class TrustRatioWriter:

@@ -39,6 +39,10 @@ __all__ = [
     "register_layout_resolver",
     "resolve_layouts",
     "RowCentring",
+    "StackedLayers",
+    "check_stacked",
+    "split_stacked",
+    "stacked_layers",
 ]
 
 
@@ -47,6 +51,10 @@ def __getattr__(name: str) -> Any:
         from hf_lars.layout.row_centring import RowCentring
 
         return RowCentring
+    if name in ("StackedLayers", "check_stacked", "split_stacked", "stacked_layers"):  # hf_lars/layout/stacked.py
+        from hf_lars.layout import stacked
+
+        return getattr(stacked, name)
     raise AttributeError(f"module 'hf_lars.layout' has no attribute {name!r}")
 
 
@@ -87,8 +95,9 @@ class TensorLayout:
         segments: the pieces of layers this tensor holds, as offsets into the flattened *local* tensor
             (elements outside every segment, e.g. ZeRO padding, are never read or written).
         process_group: the group to all-reduce partial sums over (``None``: the tensor holds whole layers).
-        whole_rows: every piece holds whole rows (slices along dim 0) of its layer, so row-wise operations
-            such as Gradient Centralization can run locally on the tensor.
+        whole_rows: the tensor's own rows (slices along its dim 0) are whole rows of its layers, so row-wise
+            operations such as Gradient Centralization can run on the tensor as a whole.  False for ZeRO flat
+            partitions and for tensors that stack layers (``layout.stacked``): those are centred per segment.
         dtensor: the stepped tensor is a DTensor whose ``to_local()`` shard is the piece (FSDP2).
     """
 
@@ -99,8 +108,12 @@ class TensorLayout:
 
     @property
     def whole(self) -> bool:
-        """Exactly one whole, unsharded layer: no collective, the tensor is its own piece."""
-        return self.process_group is None and not self.dtensor and len(self.segments) == 1
+        """Exactly one whole, unsharded layer: no collective, the tensor is its own piece.
+
+        Not a stacked parameter holding a single expert (``whole_rows`` is False there): its rows are not
+        the tensor's dim-0 rows, so it must not be centred as a whole.
+        """
+        return self.process_group is None and not self.dtensor and len(self.segments) == 1 and self.whole_rows
 
     @staticmethod
     def of_layer(layer: int, tensor: Tensor) -> "TensorLayout":
@@ -122,6 +135,7 @@ class StepLayout:
         num_layers: int,
         device: torch.device | None = None,
         layer_shapes: Sequence[torch.Size] | None = None,
+        layer_transposed: Sequence[bool] | None = None,
     ) -> None:
         self.layouts = list(layouts)
         self.num_layers = num_layers
@@ -132,6 +146,11 @@ class StepLayout:
         self._piece_views: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
         # Full shapes of the layers (row lengths for RowCentring); None: only the norms are needed.
         self.layer_shapes = None if layer_shapes is None else [torch.Size(s) for s in layer_shapes]
+        # Per layer: stored (in, out), its output dimension last (stacked experts used as x @ W); Gradient
+        # Centralization then centres its columns.  None: every layer is stored (out, in) like nn.Linear.
+        self.layer_transposed = (
+            [False] * num_layers if layer_transposed is None else [bool(t) for t in layer_transposed]
+        )
         self._row_centring: Any = None  # hf_lars.layout.row_centring.RowCentring, built on first use
         self.trivial = all(lay.whole for lay in self.layouts)
         groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}
@@ -168,8 +187,9 @@ class StepLayout:
         return len(self._segments)
 
     def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors."""
-        return [t.to_local() if lay.dtensor else t for t, lay in zip(tensors, self.layouts)]
+        """The local tensors (``to_local()`` of DTensors) of a list parallel to the stepped tensors; tensors that
+        are local already (e.g. gradients centred ahead of the step) are taken as they are."""
+        return [t.to_local() if lay.dtensor and is_dtensor(t) else t for t, lay in zip(tensors, self.layouts)]
 
     def pieces(self, tensors: Sequence[Tensor], *, cache: bool = False) -> list[Tensor]:
         """Views of ``tensors`` (parallel to the stepped tensors) cut into the layout's pieces.

@@ -42,6 +42,41 @@ class _CutPiece:
     row_length: int
 
 
+@dataclass(frozen=True)
+class _ColumnPiece:
+    """A piece of a layer stored ``(in, out)`` (``columns`` outputs): ``numel`` elements at ``start`` of local
+    tensor ``tensor``, beginning at element ``layer_offset`` of the flattened layer.  ``slot`` is the first of
+    the layer's ``columns`` column-sum slots when the layer is cut (-1: the piece is the whole layer)."""
+
+    tensor: int
+    start: int
+    numel: int
+    layer_offset: int
+    columns: int
+    rows: int
+    slot: int
+
+
+def _column_runs(piece: _ColumnPiece) -> tuple[list[tuple[int, int, int]], tuple[int, int]]:
+    """A column piece as partial-row runs ``(start in the piece, length, first column)`` (at most one at each
+    end) and one block of whole rows ``(start in the piece, number of rows)``."""
+    columns, n = piece.columns, piece.numel
+    head = min((-piece.layer_offset) % columns, n)
+    count = (n - head) // columns
+    tail = n - head - count * columns
+    runs = []
+    if head:
+        runs.append((0, head, piece.layer_offset % columns))
+    if tail:
+        runs.append((n - tail, tail, 0))
+    return runs, (head, count)
+
+
+def _cut_layers(segments: Sequence[tuple[int, int, int]], numel: Sequence[int], columns: Sequence[int]) -> list[int]:
+    """Layers stored ``(in, out)`` of which some segment ``(layer, layer_offset, numel)`` holds only a part."""
+    return sorted({layer for layer, offset, n in segments if columns[layer] and n and (offset, n) != (0, numel[layer])})
+
+
 def _cut_rows(segments: Sequence[tuple[int, int, int]], row_length: Sequence[int]) -> list[tuple[int, int]]:
     """``(layer, row)`` of every row that some segment ``(layer, layer_offset, numel)`` holds only part of."""
     cut = set()
@@ -60,6 +95,10 @@ class RowCentring:
     """Gradient Centralization on the pieces of a :class:`StepLayout`: each row of every layer with
     ``ndim > 1`` (an index along dim 0) minus its mean, without reassembling layers.
 
+    A layer stored ``(in, out)`` (``StepLayout.layer_transposed``: stacked experts used as ``x @ W``) is
+    centred by its output *columns* instead: a piece that is the whole layer locally; a layer some rank holds
+    only part of by its column sums (``columns`` floats, in the same all-reduce as the cut rows).
+
     Tensors whose pieces hold whole rows (unsharded, DDP, FSDP2 ``Shard(0)``) are centred locally.  In a
     ZeRO flat partition, rows wholly inside a piece are centred locally too (one reshape per piece); a row
     cut by a partition boundary is completed by its partial sums: one float per cut row, summed over the
@@ -69,8 +108,9 @@ class RowCentring:
     every rank's ``(layer, layer_offset, numel)`` segments (``all_gather_object``, once per layout).
 
     Attributes:
-        num_cut_rows: rows cut by a partition boundary anywhere in the process group (the payload of the
-            one all-reduce; 0: no collective).
+        num_cut_rows: rows cut by a partition boundary anywhere in the process group.
+        num_slots: the payload of the one all-reduce: the cut rows, then the column sums of every layer
+            stored ``(in, out)`` that some rank holds only part of (0: no collective).
         collective: whether :meth:`centre` all-reduces (the same on every rank of the group).
     """
 
@@ -79,8 +119,12 @@ class RowCentring:
             raise ValueError("hf_lars: RowCentring needs the StepLayout's layer_shapes (the full shape of every layer).")
         shapes = layout.layer_shapes
         self.layout = layout
-        # Row length of each layer; 0 for layers that are not centred (ndim <= 1 or empty).
-        self.row_length = [s.numel() // s[0] if len(s) > 1 and s.numel() > 0 else 0 for s in shapes]
+        centred = [len(s) > 1 and s.numel() > 0 for s in shapes]  # GC: layers with ndim > 1
+        transposed = layout.layer_transposed
+        # Row length of each layer centred by rows; 0 for the others (ndim <= 1, empty, or stored (in, out)).
+        self.row_length = [s.numel() // s[0] if c and not t else 0 for s, c, t in zip(shapes, centred, transposed)]
+        # Outputs (columns) of each layer stored (in, out), centred by columns; 0 for the others.
+        self.columns = [s[-1] if c and t else 0 for s, c, t in zip(shapes, centred, transposed)]
         self.local_tensors: list[int] = []  # tensors centred as a whole (their pieces hold whole rows)
         flat: list[tuple[int, Segment]] = []
         for t_idx, lay in enumerate(layout.layouts):
@@ -88,7 +132,7 @@ class RowCentring:
                 if any(self.row_length[seg.layer] for seg in lay.segments):
                     self.local_tensors.append(t_idx)
             else:
-                flat += [(t_idx, seg) for seg in lay.segments if self.row_length[seg.layer]]
+                flat += [(t_idx, seg) for seg in lay.segments if self.row_length[seg.layer] or self.columns[seg.layer]]
         self.flat_tensors = sorted({t for t, _ in flat})
         group = layout.process_group
         cut_anywhere = any(not lay.whole_rows for lay in layout.layouts) and group is not None
@@ -103,10 +147,22 @@ class RowCentring:
             everyone = mine
         slots = {row: i for i, row in enumerate(_cut_rows(everyone, self.row_length))}
         self.num_cut_rows = len(slots)
-        self.collective = group is not None and self.num_cut_rows > 0
+        # A layer stored (in, out) that some rank holds only part of: its column sums take `columns` slots.
+        column_slots: dict[int, int] = {}
+        for layer in _cut_layers(everyone, [s.numel() for s in shapes], self.columns):
+            column_slots[layer] = self.num_cut_rows + sum(self.columns[k] for k in column_slots)
+        self.num_slots = self.num_cut_rows + sum(self.columns[k] for k in column_slots)
+        self.collective = group is not None and self.num_slots > 0
         self.rows: list[_Rows] = []
         self.cut: list[_CutPiece] = []
+        self.column_pieces: list[_ColumnPiece] = []
         for t_idx, seg in flat:
+            if self.columns[seg.layer]:
+                columns = self.columns[seg.layer]
+                rows = shapes[seg.layer].numel() // columns
+                slot = column_slots.get(seg.layer, -1)
+                self.column_pieces.append(_ColumnPiece(t_idx, seg.start, seg.numel, seg.layer_offset, columns, rows, slot))
+                continue
             length = self.row_length[seg.layer]
             head = min((-seg.layer_offset) % length, seg.numel)
             count = (seg.numel - head) // length
@@ -144,19 +200,41 @@ class RowCentring:
         for r in self.rows:
             rows = out[r.tensor].view(-1).narrow(0, r.start, r.count * r.length).view(r.count, r.length)
             rows.sub_(rows.mean(dim=1, keepdim=True))
-        if not self.num_cut_rows:
+        cut_columns = []
+        for c in self.column_pieces:
+            piece = out[c.tensor].view(-1).narrow(0, c.start, c.numel)
+            if c.slot < 0:  # the whole layer: centre each output column over the inputs
+                matrix = piece.view(c.rows, c.columns)
+                matrix.sub_(matrix.mean(dim=0, keepdim=True))
+            else:
+                cut_columns.append((c, piece))
+        if not self.num_slots:
             return out
         parts = [out[c.tensor].view(-1).narrow(0, c.start, c.numel) for c in self.cut]
-        device = parts[0].device if parts else self.layout.device
-        sums = torch.zeros(self.num_cut_rows, dtype=torch.float32, device=device)
+        device = parts[0].device if parts else (cut_columns[0][1].device if cut_columns else self.layout.device)
+        sums = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
         if parts:
             slot, length = self._slot_index(device)
             partial = torch.stack([p.sum(dtype=torch.float32) for p in parts])
-            sums.index_add_(0, slot, partial)
+            sums.narrow(0, 0, self.num_cut_rows).index_add_(0, slot, partial)
+        for c, piece in cut_columns:  # this rank's part of each output column's sum
+            runs, (start, count) = _column_runs(c)
+            if count:
+                block = piece.narrow(0, start, count * c.columns).view(count, c.columns)
+                sums.narrow(0, c.slot, c.columns).add_(block.sum(dim=0, dtype=torch.float32))
+            for start, n, col in runs:
+                sums.narrow(0, c.slot + col, n).add_(piece.narrow(0, start, n).float())
         if self.collective:
             sums = self.layout.all_reduce(sums)
         if parts:
             means = (sums.index_select(0, slot) / length).to(parts[0].dtype)
             for part, mean in zip(parts, means.unbind(0)):
                 part.sub_(mean)
+        for c, piece in cut_columns:
+            means = (sums.narrow(0, c.slot, c.columns) / c.rows).to(piece.dtype)
+            runs, (start, count) = _column_runs(c)
+            if count:
+                piece.narrow(0, start, count * c.columns).view(count, c.columns).sub_(means)
+            for start, n, col in runs:
+                piece.narrow(0, start, n).sub_(means.narrow(0, col, n))
         return out

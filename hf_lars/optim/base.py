@@ -21,12 +21,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
+from hf_lars.layout.stacked import (
+    STACKED_KEYS,
+    StackedLayers,
+    check_stacked,
+    check_stacked_keys,
+    split_stacked,
+    stacked_layers,
+)
 from hf_lars.optim.working_copies import unscaled_gradients
 
 __all__ = ["TrustRatioOptimizer", "check_bool", "check_range", "default_foreach"]
 
-# Group keys every optimizer accepts besides its hyper-parameters.
-_STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr"})
+# Group keys every optimizer accepts besides its hyper-parameters; a group's tensors may stack layers along
+# dim 0 (``stacked_dim``, ``stacked_transposed``: docs/design.md, "Mixture-of-experts: stacked layers").
+_STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr", *STACKED_KEYS})
 # Boolean hyper-parameters (whichever an optimizer has): a non-bool is rejected, since ``'no'`` or ``0``
 # would otherwise silently mean True or False.  ``foreach`` and ``fused`` also accept None (auto).
 _BOOL_KEYS = ("nesterov", "trust_clip", "use_gc", "bias_correction", "degenerated_to_sgd", "adapt_excluded",
@@ -106,6 +115,8 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
         # separate step() calls, each with its own layers.
         self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
+        # group index -> its layers when its tensors stack layers (set with the group's first layout).
+        self._stacked: dict[int, StackedLayers] = {}
         defaults = {**defaults, "excluded": False}
         # The hyper-parameters every saved group must hold (``defaults`` may gain keys later: wrappers such
         # as Trainer's add torch's ``differentiable``, which old checkpoints lack).
@@ -126,6 +137,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         for key in _OPTIONAL_BOOL_KEYS:
             if key in group:
                 check_bool(key, group[key], optional=True)
+        check_stacked_keys(group.get("stacked_dim"), group.get("stacked_transposed", False))
         self._validate_group(group)
 
     def _check_group_keys(self, group: dict[str, Any]) -> None:
@@ -133,7 +145,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             raise ValueError(_REMOVED_ADAPT)
         unknown = sorted(set(group) - set(self.defaults) - _STRUCTURAL_KEYS)
         if unknown:
-            valid = ", ".join(sorted(set(self.defaults) - {"foreach"}) + ["foreach"])
+            valid = ", ".join(sorted(set(self.defaults) - {"foreach"}) + ["foreach", *STACKED_KEYS])
             raise ValueError(
                 f"Unknown param group key(s) for {type(self).__name__}: {', '.join(unknown)}. Valid keys: {valid}"
             )
@@ -149,6 +161,16 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         if complex_params:
             del self.param_groups[count:]  # torch appended it: take it back so the optimizer stays usable
             raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        names = group.get("param_names") or []
+        for i, p in enumerate(group["params"]):
+            if p.numel() == 0:  # an engine's empty placeholder (ZeRO-3): checked on its real shape at the first step
+                continue
+            what = f"parameter {names[i]!r}" if i < len(names) else f"parameter {i} of the group"
+            try:
+                check_stacked(p.shape, group.get("stacked_dim"), group.get("stacked_transposed", False), what=what)
+            except ValueError:
+                del self.param_groups[count:]
+                raise
         self._layer_refs.append([weakref.ref(p) for p in group["params"]])
         self._layer_specs.append([(p.shape, p.dtype) for p in group["params"]])
         self._group_index[id(group)] = len(self._layer_refs) - 1
@@ -186,11 +208,13 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         return out
 
     def _layer_names(self, group: dict[str, Any], group_index: int) -> list[str]:
+        """Parameter names (or global parameter indices); ``name[e]`` for expert ``e`` of a stacked one."""
         names = group.get("param_names")
-        if names is not None and len(names) == len(self._layer_refs[group_index]):
-            return list(names)
-        offset = sum(len(layers) for layers in self._layer_refs[:group_index])
-        return [str(offset + i) for i in range(len(self._layer_refs[group_index]))]
+        if names is None or len(names) != len(self._layer_refs[group_index]):
+            offset = sum(len(layers) for layers in self._layer_refs[:group_index])
+            names = [str(offset + i) for i in range(len(self._layer_refs[group_index]))]
+        stacked = self._stacked.get(group_index)
+        return list(names) if stacked is None else stacked.names(names)
 
     def _record_ratios(self, group: dict[str, Any], group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
         names = self._layer_names(group, group_index)
@@ -219,8 +243,18 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             return cached[1], cached[2], cached[3], cached[4]
         layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
+        # A group whose tensors stack layers (MoE experts): one layer per expert, the pieces cut at experts.
+        names = group.get("param_names") or []
+        stacked = stacked_layers(
+            shapes, group.get("stacked_dim"), group.get("stacked_transposed", False), names=names
+        )
+        if stacked.stacked:
+            layouts = split_stacked(layouts, shapes, stacked)
+            self._stacked[group_index] = stacked
+        shapes = list(stacked.shapes)
         layout = StepLayout(
-            layouts, num_layers=len(layers), device=stepped[0].device, layer_shapes=shapes
+            layouts, num_layers=len(shapes), device=stepped[0].device, layer_shapes=shapes,
+            layer_transposed=stacked.transposed,
         )  # device: a DTensor's is its shard's
         roles = [self._layer_roles(group, shape) for shape in shapes]
         adapt_piece = [roles[layer][0] for layer in layout.piece_layer]

@@ -7,6 +7,8 @@ locally; partial norms are all-reduced over the sharded mesh dimension's process
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from hf_lars.layout import Segment, TensorLayout
@@ -44,4 +46,32 @@ def dtensor_layout(t: Tensor, layer: int) -> TensorLayout:
         )
     mesh_dim, placement = sharded[0]
     group = mesh.get_group(mesh_dim=mesh_dim)
+    if placement.dim == 0 and not isinstance(placement, _StridedShard):
+        offset = _dim0_offset(t, mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
+        segments = (Segment(layer, 0, local_numel, offset),)
     return TensorLayout(segments, process_group=group, whole_rows=placement.dim == 0, dtensor=True)
+
+
+def _dim0_offset(t: Tensor, coordinate: int, shards: int) -> int:
+    """Where the local shard of a ``Shard(0)`` DTensor begins in the flattened global tensor.
+
+    ``Shard(0)`` cuts dim 0 as ``torch.chunk`` does (FSDP2's rule): ``ceil(n / shards)`` rows per rank, the
+    last ranks holding fewer or none; so rank ``r`` begins at row ``min(r * ceil(n / shards), n)``.  A stacked
+    parameter needs it (``layout.split_stacked`` cuts the shard at experts); checked against the local shape.
+
+    Raises:
+        ValueError: the local shard does not have the rows that rule gives (a sharding hf_lars does not know).
+    """
+    rows = t.shape[0]
+    per_rank = -(-rows // shards)
+    first = min(coordinate * per_rank, rows)
+    expected = min(per_rank, rows - first)
+    local = t.to_local()
+    local_rows = local.shape[0] if local.dim() else 0
+    if local_rows != expected:
+        raise ValueError(
+            f"hf_lars: a Shard(0) DTensor of shape {tuple(t.shape)} holds {local_rows} rows on mesh coordinate "
+            f"{coordinate} of {shards}; torch.chunk's rule (FSDP2's) gives {expected}.  This sharding is not "
+            "supported for per-layer norms of stacked parameters."
+        )
+    return first * math.prod(t.shape[1:])
