@@ -8,7 +8,13 @@ __version__ = "0.1.0"
 # It imports only torch and the layout contract, so this stays cheap.
 import hf_lars.sharding  # noqa: E402, F401
 from hf_lars.optim import LARS, AdamLARS, RangerLARS  # noqa: E402
-from hf_lars.registry import build_param_groups, create_optimizer, get_optimizer_info, list_optimizers  # noqa: E402
+from hf_lars.registry import (  # noqa: E402
+    build_param_groups,
+    create_optimizer,
+    declare_stacked,
+    get_optimizer_info,
+    list_optimizers,
+)
 
 # Names whose modules import transformers/accelerate: loaded on first use so `import hf_lars` stays light.
 _LAZY = {
@@ -51,5 +57,6 @@ __all__ = [
     "create_optimizer",
     "get_optimizer_info",
     "build_param_groups",
+    "declare_stacked",
     *_LAZY,
 ]
