@@ -51,7 +51,8 @@ def _launches(name: str, n_blocks: int, dtype: torch.dtype) -> tuple[int, int]:
 # bf16/fp16 parameters.  They are real passes over memory that torch's AdamW on bf16 parameters does not make,
 # because it keeps bf16 state and does its math in bf16; ours keeps fp32 state and does fp32 math
 # (docs/design.md, "Mixed precision"), so the bf16 weights and gradients must be read into fp32 and written
-# back once per step whatever the launch count.
+# back once per step whatever the launch count.  (The bf16 Adam forms also compute their direction in the
+# gradient copies' memory, one copy and one in-place op more than a new temporary: within the same bound.)
 CASTS = {torch.float32: 0, torch.bfloat16: 3}
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from hf_lars.optim.base import HyperParameters, TrustRatioOptimizer, check_range, constructor_defaults
+from hf_lars.optim.base import TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_adam_lars
-from hf_lars.optim.lamb_form import lamb_form_step
+from hf_lars.optim.lamb_form import AdamFormHyper, lamb_form_step
 from hf_lars.optim.moments import AdamScalars, adam_scalars, count_steps, init_adam_state
 from hf_lars.optim.trust import Ratios, StepPlan
 from hf_lars.optim.working_copies import StepTensors, active_inv_scale, step_in_chunks
@@ -18,13 +18,9 @@ __all__ = ["AdamLARS", "AdamLarsHyper", "adam_lars", "check_betas", "check_trust
 
 
 @dataclass(frozen=True)
-class AdamLarsHyper(HyperParameters):
+class AdamLarsHyper(AdamFormHyper):
     """AdamLARS's hyper-parameters (see :class:`AdamLARS`), as the functional entries take them."""
 
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
     bias_correction: bool
     trust_clip: bool
     trust_bounds: tuple[float, float] | None

@@ -4,26 +4,33 @@ trust-ratio update (:func:`hf_lars.optim.trust.trust_ratio_step`), for one chunk
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from hf_lars.optim.base import HyperParameters
 from hf_lars.optim.moments import AdamScalars, adam_direction, adam_direction_piece, element, is_one
 from hf_lars.optim.trust import Ratios, StepPlan, adam_trust_ratio, trust_ratio_step
 from hf_lars.optim.working_copies import StepTensors
 
-__all__ = ["LambFormHyper", "lamb_form_step"]
+if TYPE_CHECKING:
+    from hf_lars.optim.adam_lars import AdamLarsHyper
+    from hf_lars.optim.ranger_lars import RangerLarsHyper
+
+__all__ = ["AdamFormHyper", "lamb_form_step"]
 
 
-class LambFormHyper(Protocol):
-    """The hyper-parameters the LAMB-form step reads (AdamLARS's and RangerLARS's records have them)."""
+@dataclass(frozen=True)
+class AdamFormHyper(HyperParameters):
+    """The hyper-parameters AdamLARS's and RangerLARS's records share.  The LAMB-form step also reads
+    ``trust_clip`` and ``trust_bounds``: AdamLARS's fields, constants of RangerLARS's record."""
 
     lr: float
     betas: tuple[float, float]
+    eps: float
     weight_decay: float
-    trust_clip: bool
-    trust_bounds: tuple[float, float] | None
 
 
 def lamb_form_step(
@@ -32,7 +39,7 @@ def lamb_form_step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     scalars: AdamScalars,
-    hp: LambFormHyper,
+    hp: AdamLarsHyper | RangerLarsHyper,
     foreach: bool,
 ) -> Ratios | None:
     """Moments, direction, trust ratio and update of the tensors of ``work`` (a chunk; ``plan`` is its plan).
@@ -45,8 +52,10 @@ def lamb_form_step(
     beta1, beta2 = hp.betas
     if not foreach and plan.layout.trivial:
         return _tensor_by_tensor(work, plan, exp_avgs, exp_avg_sqs, scalars, hp)
+    writable = all(work.owns_grad(i) for i in range(len(work.grads)))
     u = adam_direction(work.state_local(exp_avgs), work.state_local(exp_avg_sqs), work.grads, scalars, beta1, beta2,
-                       foreach)
+                       foreach, scratch=work.grads if writable else None)
+    work.release_grads()
     return trust_ratio_step(
         plan, work.pieces(work.weights), work.pieces(u), lr=hp.lr, factor=scalars.factor,
         weight_decay=hp.weight_decay, trust_clip=hp.trust_clip, trust_bounds=hp.trust_bounds, foreach=foreach,
@@ -54,7 +63,7 @@ def lamb_form_step(
 
 
 def _tensor_by_tensor(work: StepTensors, plan: StepPlan, exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      scalars: AdamScalars, hp: LambFormHyper) -> Ratios | None:
+                      scalars: AdamScalars, hp: AdamLarsHyper | RangerLarsHyper) -> Ratios | None:
     """The per-tensor path when every tensor is one whole, unsharded layer (the readable reference).
 
     Each tensor is finished (moments, direction, norms, trust ratio, update) before the next one starts, so
@@ -66,8 +75,9 @@ def _tensor_by_tensor(work: StepTensors, plan: StepPlan, exp_avgs: list[Tensor],
     norm = torch.linalg.vector_norm
     ratios = []
     for i, (w, g, adapted, decayed) in enumerate(zip(work.weights, work.grads, plan.adapt, plan.decay)):
+        # A working copy of the gradient is dead once the moments are updated: the direction reuses it.
         u = adam_direction_piece(exp_avgs[i], exp_avg_sqs[i], g, element(scalars.den_scale, i),
-                                 element(scalars.den_shift, i), beta1, beta2)
+                                 element(scalars.den_shift, i), beta1, beta2, work.grads[i] if work.owns_grad(i) else None)
         factor = element(scalars.factor, i)
         if not adapted:
             if not is_one(factor):

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_lars.layout import PieceSubset, expand_scalars
+from hf_lars.layout import PieceSubset
 from hf_lars.optim.base import HyperParameters, TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_lars
+from hf_lars.optim.moments import operand
 from hf_lars.optim.trust import Ratios, StepPlan, lars_trust_ratio, ratio_weight_decay
 from hf_lars.optim.working_copies import StepTensors, active_inv_scale, step_in_chunks
 
@@ -132,9 +133,10 @@ def lars(
         bufs = work.state_pieces(momentum_buffers[span]) if hp.momentum > 0 else [None] * len(w)
         adapted = sub.layout.select(sub.adapt)
         plain = sub.layout.select([not a for a in sub.adapt])
-        ratios = impl(adapted, w, g, bufs, hp, adapted.take(sub.decay), True) if len(adapted) else None
+        writable = all(work.owns_grad(i) for i in range(len(work.grads)))
+        ratios = impl(adapted, w, g, bufs, hp, adapted.take(sub.decay), True, writable) if len(adapted) else None
         if len(plain):
-            impl(plain, w, g, bufs, hp, [False] * len(plain), False)
+            impl(plain, w, g, bufs, hp, [False] * len(plain), False, writable)
         return None if ratios is None else (adapted.layers, ratios)
 
     return step_in_chunks(plan, params, grads, step_chunk)
@@ -142,17 +144,20 @@ def lars(
 
 def _single_tensor_lars(
     sub: PieceSubset, w_all: list[Tensor], g_all: list[Tensor], buf_all: list[Tensor | None], hp: LarsHyper,
-    decays: list[bool], trust: bool,
+    decays: list[bool], trust: bool, writable: bool,
 ) -> Tensor | None:
     """The readable reference: one piece at a time.  ``trust``: the pieces take the trust ratio.
 
-    ``decays[i]``: piece i takes weight decay (excluded layers do not).
+    ``decays[i]``: piece i takes weight decay (excluded layers do not).  ``writable``: the gradient pieces
+    are working copies, so ``g + wd * w`` is formed in their memory.
     """
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
     momentum, lr = hp.momentum, hp.lr
     rho = _ratios(sub, sub.norms(ws, gs, foreach=False), decays, hp) if trust else None
     for i, (w, g, buf) in enumerate(zip(ws, gs, bufs)):
-        d = g.add(w, alpha=hp.weight_decay) if hp.weight_decay != 0 and decays[i] else g
+        d = g
+        if hp.weight_decay != 0 and decays[i]:
+            d = g.add_(w, alpha=hp.weight_decay) if writable else g.add(w, alpha=hp.weight_decay)
         if buf is not None and not hp.nesterov:
             # buf = momentum * buf + rho * d without materialising rho * d (one pass and one temporary fewer)
             buf.mul_(momentum)
@@ -177,7 +182,7 @@ def _single_tensor_lars(
 
 def _multi_tensor_lars(
     sub: PieceSubset, w_all: list[Tensor], g_all: list[Tensor], buf_all: list[Tensor | None], hp: LarsHyper,
-    decays: list[bool], trust: bool,
+    decays: list[bool], trust: bool, writable: bool,
 ) -> Tensor | None:
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
     momentum, lr = hp.momentum, hp.lr
@@ -185,11 +190,15 @@ def _multi_tensor_lars(
     d = list(gs)
     if hp.weight_decay != 0 and any(decays):
         idx = [i for i, dec in enumerate(decays) if dec]
-        for i, di in zip(idx, torch._foreach_add([gs[i] for i in idx], [ws[i] for i in idx], alpha=hp.weight_decay)):
-            d[i] = di
-    # Per-layer ratios broadcast once over the pieces (expand_scalars): every op below stays on CUDA's
+        g_d, w_d = [gs[i] for i in idx], [ws[i] for i in idx]
+        if writable:
+            torch._foreach_add_(g_d, w_d, alpha=hp.weight_decay)
+        else:
+            for i, di in zip(idx, torch._foreach_add(g_d, w_d, alpha=hp.weight_decay)):
+                d[i] = di
+    # Per-layer ratios broadcast once over the pieces (operand): every op below stays on CUDA's
     # multi-tensor fast path, one kernel each instead of one per tensor.
-    rho_full = None if rho is None else expand_scalars(rho, d)
+    rho_full = None if rho is None else operand(rho, d)
     if bufs[0] is None:
         if rho_full is None:
             torch._foreach_add_(ws, d, alpha=-lr)

@@ -74,8 +74,11 @@ def per_piece(layout: StepLayout, x: PerTensor) -> PerTensor:
 def operand(x: PerTensor, like: Sequence[Tensor]) -> Any:
     """``x`` as the scalar operand of a foreach op over ``like``: a host float as it is, a device vector
     broadcast once to ``like``'s shapes (``expand_scalars``), so the op stays on CUDA's multi-tensor fast
-    path either way."""
-    return expand_scalars(x, like) if isinstance(x, Tensor) else x
+    path either way.  A single tensor takes its one 0-d value: one launch as well, and no buffer the size
+    of the tensor."""
+    if not isinstance(x, Tensor):
+        return x
+    return [x[0]] if len(like) == 1 else expand_scalars(x, like)
 
 
 def _sqrt(x: Any) -> Any:
@@ -238,8 +241,11 @@ def adam_direction(
     beta1: float,
     beta2: float,
     foreach: bool,
+    scratch: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    r"""Update the moments in place and return the Adam direction of each tensor (new temporaries).
+    r"""Update the moments in place and return the Adam direction of each tensor (new temporaries, or
+    ``scratch``: tensors like the moments that are dead once the moments are updated, e.g. fp32 working
+    copies of the gradients, which then hold the directions).
 
     .. math::
         m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
@@ -252,18 +258,28 @@ def adam_direction(
     a, b = scalars.den_scale, scalars.den_shift
     if not foreach:
         return [
-            adam_direction_piece(m, v, g, element(a, i), element(b, i), beta1, beta2)
+            adam_direction_piece(m, v, g, element(a, i), element(b, i), beta1, beta2,
+                                 None if scratch is None else scratch[i])
             for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads))
         ]
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if scratch is None:
+        denom = list(torch._foreach_sqrt(exp_avg_sqs))
+    else:  # foreach ops have no out=: copy, then in place (one launch more, one temporary fewer)
+        denom = list(scratch)
+        torch._foreach_copy_(denom, exp_avg_sqs)
+        torch._foreach_sqrt_(denom)
     # One after the other, so that at most one expanded buffer (the size of the list) is alive at a time.
     if not is_one(a):
         torch._foreach_mul_(denom, operand(a, denom))
     torch._foreach_add_(denom, operand(b, denom))
-    return list(torch._foreach_div(exp_avgs, denom))
+    # m / denom in denom's memory, as m * (1 / denom): one temporary, not two, and the same bits whether the
+    # denominator lives in scratch or not (a GradScaler step, whose gradients are copies, equals an unscaled one).
+    torch._foreach_reciprocal_(denom)
+    torch._foreach_mul_(denom, exp_avgs)
+    return denom
 
 
 def adam_direction_piece(

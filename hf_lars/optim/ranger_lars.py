@@ -10,9 +10,9 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout
 from hf_lars.optim.adam_lars import check_betas
-from hf_lars.optim.base import HyperParameters, TrustRatioOptimizer, check_range, constructor_defaults
+from hf_lars.optim.base import TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_ranger_lars
-from hf_lars.optim.lamb_form import lamb_form_step
+from hf_lars.optim.lamb_form import AdamFormHyper, lamb_form_step
 from hf_lars.optim.moments import AdamScalars, count_steps, init_adam_state, is_zero, operand, per_piece, rectified_scalars
 from hf_lars.optim.trust import Ratios, StepPlan, add_scaled
 from hf_lars.optim.working_copies import StepTensors, active_inv_scale, step_in_chunks
@@ -21,13 +21,9 @@ __all__ = ["RangerLARS", "RangerLarsHyper", "ranger_lars", "centralize_gradient"
 
 
 @dataclass(frozen=True)
-class RangerLarsHyper(HyperParameters):
+class RangerLarsHyper(AdamFormHyper):
     """RangerLARS's hyper-parameters (see :class:`RangerLARS`), as the functional entries take them."""
 
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
     use_gc: bool
     k: int
     alpha: float
@@ -171,19 +167,23 @@ class RangerLARS(TrustRatioOptimizer):
         return result
 
 
-def centralize_gradient(grad: Tensor) -> Tensor:
+def centralize_gradient(grad: Tensor, *, in_place: bool = False) -> Tensor:
     """Gradient Centralization (Yong et al. 2020): ``grad`` minus, per index along dim 0, its mean over the
     other dims.
 
     Computed in fp32 for bf16/fp16 (the result is cast back), in the gradient's own dtype otherwise.
-    Tensors with at most one dimension are returned unchanged.  The package's one GC function: the step
-    uses it on tensors that hold whole rows (:class:`hf_lars.layout.RowCentring` completes cut rows).
+    Tensors with at most one dimension are returned unchanged.  ``in_place``: ``grad`` (fp32 or wider: a
+    working copy) is centred in its own memory and returned (the same values).  The package's one GC
+    function: the step uses it on tensors that hold whole rows (:class:`hf_lars.layout.RowCentring`
+    completes cut rows).
     """
     if grad.dim() <= 1:
         return grad
     wide = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-    centred = wide - wide.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
-    return centred.to(grad.dtype)
+    mean = wide.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+    if in_place and wide is grad:
+        return grad.sub_(mean)
+    return (wide - mean).to(grad.dtype)
 
 
 def ranger_lars(
@@ -219,7 +219,10 @@ def ranger_lars(
 
     def step_chunk(work: StepTensors, sub: StepPlan, span: slice) -> Ratios | None:
         if hp.use_gc and not centred:  # whole rows centred locally; rows cut by a flat partition likewise
-            work.grads = sub.layout.row_centring().centre(work.grads, centralize_gradient)
+            owned = {id(g) for i, g in enumerate(work.grads) if work.owns_grad(i)}  # working copies: in place
+            work.grads = sub.layout.row_centring().centre(
+                work.grads, lambda g: centralize_gradient(g, in_place=id(g) in owned)
+            )
         sc = scalars.take(span)
         result = lamb_form_step(work, sub, exp_avgs[span], exp_avg_sqs[span], sc, hp, foreach)
         w = work.pieces(work.weights)

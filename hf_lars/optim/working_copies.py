@@ -24,12 +24,14 @@ __all__ = ["CHUNK_ELEMENTS", "StepTensors", "active_inv_scale", "chunk_plans", "
 # step() from GradScaler's ``grad_scale`` for the duration of one group's update.
 _inv_scale: Tensor | None = None
 
-# Elements per chunk of whole layers (a layer larger than this is a chunk by itself).  Each fp32 working
-# list of a chunk (weight and gradient copies, the direction, the broadcast ratios) is at most 16 MiB, so a
-# step's transient peak is a few of those or the largest layer's, not the group's.  On CUDA a foreach op
-# over 4M elements moves >= 32 MB, long beside its launch: chunking costs no launch-bound time, and sets of
-# small tensors (where launches do count) fit in one chunk.
-CHUNK_ELEMENTS = 1 << 22
+# Chunks of whole layers (chunk_plans).  The largest tensor is a chunk of its own: its fp32 weight and
+# gradient copies (8 bytes per element; the step's other temporaries reuse the gradient copy) are the floor of
+# any eager step.  A chunk of several tensors takes up to 20 bytes per element (those copies, plus one
+# broadcast of per-layer values, ``expand_scalars``, with its int64 index), so it holds at most 2/5 of the
+# largest tensor's elements: never more memory than the largest tensor's own chunk.  And at least
+# CHUNK_ELEMENTS: on CUDA a foreach op over 1M elements moves >= 8 MB, long beside its launch, so chunking
+# costs no launch-bound time, and sets of small tensors (where launches count) fit in one chunk.
+CHUNK_ELEMENTS = 1 << 20
 
 
 @contextlib.contextmanager
@@ -101,10 +103,20 @@ class StepTensors:
         self.layout = layout
         self._params = layout.local(params)
         self.weights = _fp32(self._params)
-        local_grads = layout.local(grads)
-        self.grads = _fp32(local_grads)
+        self._caller_grads = layout.local(grads)
+        self.grads = _fp32(self._caller_grads)
         if _inv_scale is not None:
-            self.grads = _unscale(self.grads, local_grads, _inv_scale)
+            self.grads = _unscale(self.grads, self._caller_grads, _inv_scale)
+
+    def owns_grad(self, i: int) -> bool:
+        """Whether ``grads[i]`` is a temporary of this step (an fp32 or unscaled copy, a centred gradient)
+        that may be overwritten once it has been read, rather than the caller's own gradient."""
+        return self.grads[i] is not self._caller_grads[i]
+
+    def release_grads(self) -> None:
+        """Drop the working gradients (their copies die at once) when the rest of the step does not read
+        them: the step's next temporaries then reuse their memory."""
+        self.grads = []
 
     def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
         """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`).
@@ -140,7 +152,7 @@ def chunk_plans(plan: StepPlan, numels: Sequence[int]) -> list[tuple[slice, Step
 
     Only whole, unsharded layers (``layout.trivial``) can be stepped a chunk at a time: every layer's norms
     are then inside its chunk.  Consecutive tensors join a chunk while it holds at most
-    :data:`CHUNK_ELEMENTS` elements.  Any other layout (pieces of layers cut across tensors or ranks, whose
+    ``max(CHUNK_ELEMENTS, 2/5 of the largest tensor)`` elements; a tensor above that is a chunk of its own.  Any other layout (pieces of layers cut across tensors or ranks, whose
     norms need every piece and one collective before any update) is one chunk.
     """
     layout = plan.layout
@@ -150,9 +162,10 @@ def chunk_plans(plan: StepPlan, numels: Sequence[int]) -> list[tuple[slice, Step
     key = (plan.adapt, plan.decay, tuple(numels))
     chunks = per_layout.get(key)
     if chunks is None:
+        limit = max(CHUNK_ELEMENTS, 2 * max(numels, default=0) // 5)
         bounds, start, total = [], 0, 0
         for i, n in enumerate(numels):
-            if i > start and total + n > CHUNK_ELEMENTS:
+            if i > start and (total + n > limit or n > limit):
                 bounds.append(slice(start, i))
                 start, total = i, 0
             total += n
@@ -183,6 +196,7 @@ def step_in_chunks(
         work = StepTensors(params[span], grads[span], sub.layout)
         result = step_chunk(work, sub, span)
         work.write_back()
+        del work  # this chunk's copies die before the next chunk's are made
         if result is not None:
             results.append(result)
     if len(results) <= 1:
