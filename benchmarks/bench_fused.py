@@ -1,13 +1,14 @@
 """Time and memory of the fused step (``fused=True``) against the eager step and torch's fastest optimizers.
 
     python benchmarks/bench_fused.py [--params-millions 23] [--steps 25] [--threads 1] [--markdown PATH]
-    python benchmarks/bench_fused.py --memory [--dtype bf16]      # transient peak per optimizer, fresh processes
+    python benchmarks/bench_fused.py --memory [--dtype bf16] [--no-fused]   # transient peak, fresh processes
 
 Time: every contender steps the same parameter shapes (``bench_step.gpt2_like_shape``: the ``hf-lars
 bench`` shapes), round-robin in rotating order within the same rounds; each row is the median over the
 timed rounds (CUDA: ``torch.cuda.synchronize()`` around each step).  Baselines are torch's SGD(momentum=0.9)
 and AdamW at every setting the device supports (for-loop, foreach, fused); ratios are to the fastest of
-them.  Ours: ``eager`` (what ``foreach=None`` picks) and ``fused``; the fused rows report the compile time
+them.  Ours: ``eager`` (what ``foreach=None`` picks), ``foreach`` (memory only: the eager foreach path
+whatever the device) and ``fused``; the fused rows report the compile time
 (the first step's wall time, from ``hf_lars.optim.fused.compile_stats``).
 
 Memory (``--memory``): each (optimizer, implementation) runs in a fresh process: parameters and gradients
@@ -65,6 +66,8 @@ def _make(name: str, impl: str, named: list[tuple[str, torch.Tensor]]) -> torch.
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=1e-3, **json.loads(impl))
     cls, kwargs = _OURS[name][:2]
+    if impl == "foreach":  # the eager foreach path, whatever the device would pick
+        return cls(named, **kwargs, foreach=True)
     return cls(named, **kwargs, fused=impl == "fused")
 
 
@@ -155,15 +158,20 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def memory_all(params_millions: float, dtype_name: str, threads: int) -> list[dict[str, Any]]:
+def memory_all(params_millions: float, dtype_name: str, threads: int, no_fused: bool = False) -> list[dict[str, Any]]:
     rows = []
     contenders = [("SGD", json.dumps(s)) for s in _torch_settings(torch.device(_device()))]
     contenders += [("AdamW", json.dumps(s)) for s in _torch_settings(torch.device(_device()))]
-    contenders += [(n, impl) for n in _OURS for impl in ("eager", "fused")]
+    ours = ("eager", "foreach") if no_fused else ("eager", "foreach", "fused")
+    contenders += [(n, impl) for n in _OURS for impl in ours]
+    # A fixed mmap threshold: glibc then maps every allocation above 64 KiB on its own and unmaps it when freed,
+    # so the resident set follows the live tensors (with its default, a dynamic threshold, freed temporaries of
+    # a few MB stay resident and are counted in the peak of whichever step comes next).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for name, impl in contenders:
         cmd = [sys.executable, __file__, "--memory-one", name, impl, "--params-millions", str(params_millions),
                "--dtype", dtype_name, "--threads", str(threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     parser.add_argument("--memory", action="store_true", help="transient peak memory, one fresh process each")
     parser.add_argument("--memory-one", nargs=2, metavar=("NAME", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-fused", action="store_true", help="--memory: leave out the fused rows (no compile)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_memory_one(*args.memory_one, args.params_millions, device, dtype)))
         return 0
     if args.memory:
-        text = render_memory(memory_all(args.params_millions, args.dtype, args.threads), args.dtype)
+        text = render_memory(memory_all(args.params_millions, args.dtype, args.threads, args.no_fused), args.dtype)
     else:
         text = render_time(time_all(args.params_millions, args.steps, device, dtype), args.threads)
     print(text)

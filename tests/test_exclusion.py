@@ -16,8 +16,8 @@ from torch import nn
 
 from hf_lars import LARS, AdamLARS, RangerLARS
 from hf_lars.layout import Segment, StepLayout, TensorLayout
-from hf_lars.optim.adam_lars import adam_lars
-from hf_lars.optim.trust import adam_trust_ratio, lars_trust_ratio
+from hf_lars.optim.adam_lars import AdamLarsHyper, adam_lars
+from hf_lars.optim.trust import StepPlan, adam_trust_ratio, lars_trust_ratio
 
 CLASSES = {"LARS": LARS, "AdamLARS": AdamLARS, "RangerLARS": RangerLARS}
 # Each optimizer's documented default for adapt_excluded.
@@ -151,11 +151,10 @@ def test_flat_tensor_of_two_layers_decays_only_the_2d_one_per_tensor_path():
     layout = StepLayout([TensorLayout((Segment(0, 0, 30), Segment(1, 30, 6)))], num_layers=2)
     m, v = torch.zeros_like(flat, dtype=torch.float32), torch.zeros_like(flat, dtype=torch.float32)
     t = torch.zeros(())
-    result = adam_lars(
-        [flat], [grad], [m], [v], [t], layout, [True, False], [True, False],
-        lr=lr, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=wd, bias_correction=True,
-        trust_clip=False, trust_bounds=None, foreach=False,
-    )  # fmt: skip
+    hp = AdamLarsHyper(lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=wd, bias_correction=True,
+                       trust_clip=False, trust_bounds=None)
+    result = adam_lars([flat], [grad], [m], [v], [t], StepPlan.of(layout, [True, False], [True, False]), hp,
+                       foreach=False)
     assert result is not None and result[0] == [0]
     torch.testing.assert_close(flat[:30].view(6, 5), p2d.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(flat[30:], pb.detach(), rtol=1e-12, atol=1e-14)

@@ -19,6 +19,7 @@ of their dtype (fp32 results that differ by rounding may round to neighbouring b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -26,9 +27,10 @@ import torch
 
 from hf_lars.layout import Segment, StepLayout, TensorLayout
 from hf_lars.optim import fused
-from hf_lars.optim.adam_lars import adam_lars
-from hf_lars.optim.lars import lars
-from hf_lars.optim.ranger_lars import centralize_gradient, ranger_lars
+from hf_lars.optim.adam_lars import AdamLarsHyper, adam_lars
+from hf_lars.optim.lars import LarsHyper, lars
+from hf_lars.optim.ranger_lars import RangerLarsHyper, centralize_gradient, ranger_lars
+from hf_lars.optim.trust import StepPlan
 from optim_cases import INFO, OPTIMIZERS, OptimizerInput, assert_close_scaled, build, make_grads, state_snapshot
 
 RTOL = 1e-6
@@ -184,6 +186,15 @@ _SEGMENTS = [
     (Segment(1, 0, 28, layer_offset=80), Segment(2, 28, 18), Segment(3, 46, 6)),
 ]
 _SIZES = (106, 52)
+# The hyper-parameters of the functional-entry tests below.
+_HP = {
+    "LARS": LarsHyper(lr=1.0, momentum=0.9, weight_decay=0.01, trust_coefficient=0.02, eps=1e-8, nesterov=False,
+                      trust_clip=False),
+    "AdamLARS": AdamLarsHyper(lr=0.05, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+                              trust_clip=False, trust_bounds=None),
+    "RangerLARS": RangerLarsHyper(lr=0.05, betas=(0.95, 0.999), eps=1e-6, weight_decay=0.01, use_gc=True, k=3,
+                                  alpha=0.5, rectify_threshold=5.0, degenerated_to_sgd=False),
+}
 
 
 def _flat_layout() -> StepLayout:
@@ -208,18 +219,15 @@ def _flat_run(
     result = None
     for step in range(1, steps + 1):
         grads = [torch.randn(n, generator=gen) + 0.5 for n in _SIZES]
-        common = dict(fused=use_fused, foreach=False)
+        plan = StepPlan.of(layout, adapt, decay)
         if name == "LARS":
-            result = lars(parts, grads, state[0], layout, adapt, decay, lr=1.0, momentum=0.9, weight_decay=0.01,
-                          trust_coefficient=0.02, eps=1e-8, nesterov=False, trust_clip=False, **common)
+            result = lars(parts, grads, state[0], plan, _HP["LARS"], foreach=False, fused=use_fused)
         elif name == "AdamLARS":
-            result = adam_lars(parts, grads, state[0], state[1], steps_t, layout, adapt, decay, lr=0.05, beta1=0.9,
-                               beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True, trust_clip=False,
-                               trust_bounds=None, **common)
+            result = adam_lars(parts, grads, state[0], state[1], steps_t, plan, _HP["AdamLARS"], foreach=False,
+                               fused=use_fused)
         else:
-            result = ranger_lars(parts, grads, state[0], state[1], state[2], steps_t, layout, adapt, decay, lr=0.05,
-                                 beta1=0.95, beta2=0.999, eps=1e-6, weight_decay=0.01, use_gc=True, k=3,
-                                 alpha=0.5, rectify_threshold=5.0, centred=centred, **common)
+            result = ranger_lars(parts, grads, state[0], state[1], state[2], steps_t, plan, _HP["RangerLARS"],
+                                 foreach=False, fused=use_fused, centred=centred)
     return parts, state, result
 
 
@@ -256,16 +264,14 @@ def test_fused_does_not_centre_centred_gradients() -> None:
 # ------------------------------------------------------------------------------------- GradScaler inputs
 def _scaler_entry(name: str, params, grads, state, steps_t, layout, adapt, inv_scale, found_inf):
     kw = dict(inv_scale=inv_scale, found_inf=found_inf)
+    plan = StepPlan.of(layout, adapt, adapt)
     if name == "LARS":
-        return fused.fused_lars(params, grads, state[0], layout, adapt, adapt, lr=1.0, momentum=0.9, weight_decay=0.01,
-                                trust_coefficient=0.02, eps=1e-8, nesterov=False, trust_clip=False, **kw)
+        return fused.fused_lars(params, grads, state[0], plan, _HP["LARS"], **kw)
     if name == "AdamLARS":
-        return fused.fused_adam_lars(params, grads, state[0], state[1], steps_t, layout, adapt, adapt, lr=0.05, beta1=0.9,
-                                     beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
-                                     trust_clip=False, trust_bounds=None, **kw)
-    return fused.fused_ranger_lars(params, grads, state[0], state[1], state[2], steps_t, layout, adapt, adapt,
-                                   lr=0.05, beta1=0.95, beta2=0.999, eps=1e-6, weight_decay=0.01, use_gc=True, k=2,
-                                   alpha=0.5, rectify_threshold=5.0, centre_rows=centralize_gradient, **kw)
+        return fused.fused_adam_lars(params, grads, state[0], state[1], steps_t, plan, _HP["AdamLARS"], **kw)
+    hp = dataclasses.replace(_HP["RangerLARS"], k=2)
+    return fused.fused_ranger_lars(params, grads, state[0], state[1], state[2], steps_t, plan, hp,
+                                   centre_rows=centralize_gradient, **kw)
 
 
 @pytest.mark.parametrize("name", [info.name for info in OPTIMIZERS])
@@ -378,6 +384,6 @@ def test_fused_ranger_lars_without_the_gc_function_is_an_error() -> None:
     layout = StepLayout([TensorLayout.of_layer(0, w[0])], 1)
     z = [torch.zeros(2, 3)]
     with pytest.raises(ValueError, match=r"use_gc=True needs centre_rows; pass centre_rows=centralize_gradient"):
-        fused.fused_ranger_lars(w, z, z, z, z, [torch.zeros(())], layout, [True], [True], lr=0.1, beta1=0.9,
-                                beta2=0.999, eps=1e-6, weight_decay=0.0, use_gc=True, k=2, alpha=0.5,
-                                rectify_threshold=5.0)
+        fused.fused_ranger_lars(w, z, z, z, z, [torch.zeros(())], StepPlan.of(layout, [True], [True]),
+                                dataclasses.replace(_HP["RangerLARS"], lr=0.1, betas=(0.9, 0.999), weight_decay=0.0,
+                                                    k=2))

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout
-from hf_lars.optim.base import TrustRatioOptimizer, check_range
-from hf_lars.optim.fused import check_fused, fused_adam_lars
-from hf_lars.optim.moments import (
-    adam_direction,
-    adam_direction_piece,
-    denominator_scalars,
-    increment_steps,
-    init_adam_state,
-    step_scalars,
-)
-from hf_lars.optim.trust import adam_trust_ratio, trust_ratio_step
-from hf_lars.optim.working_copies import StepTensors, active_inv_scale
+from hf_lars.optim.base import TrustRatioOptimizer, check_range, constructor_defaults
+from hf_lars.optim.fused import fused_adam_lars
+from hf_lars.optim.lamb_form import AdamFormHyper, lamb_form_step
+from hf_lars.optim.moments import AdamScalars, adam_scalars, count_steps, init_adam_state
+from hf_lars.optim.trust import Ratios, StepPlan
+from hf_lars.optim.working_copies import StepTensors, active_inv_scale, step_in_chunks
 
-__all__ = ["AdamLARS", "adam_lars", "check_betas", "check_trust_bounds"]
+__all__ = ["AdamLARS", "AdamLarsHyper", "adam_lars", "check_betas", "check_trust_bounds"]
+
+
+@dataclass(frozen=True)
+class AdamLarsHyper(AdamFormHyper):
+    """AdamLARS's hyper-parameters (see :class:`AdamLARS`), as the functional entries take them."""
+
+    bias_correction: bool
+    trust_clip: bool
+    trust_bounds: tuple[float, float] | None
+
+    def scalars(self, t: float | Tensor) -> AdamScalars:
+        """This step's scalars (:func:`hf_lars.optim.moments.adam_scalars`) for step count(s) ``t``."""
+        return adam_scalars(t, *self.betas, self.eps, self.bias_correction)
 
 
 def check_betas(betas: Any) -> None:
@@ -93,27 +99,10 @@ class AdamLARS(TrustRatioOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            trust_clip=trust_clip,
-            trust_bounds=trust_bounds,
-            exclude_1d=exclude_1d,
-            adapt_excluded=adapt_excluded,
-            foreach=foreach,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, constructor_defaults(locals()))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_fused(group)
-        check_range("lr", group["lr"], 0.0)
         check_betas(group["betas"])
-        check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
         check_trust_bounds(group["trust_bounds"])
 
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
@@ -121,38 +110,21 @@ class AdamLARS(TrustRatioOptimizer):
 
     def _init_state(self, group: dict[str, Any], stepped: list[Tensor]) -> None:
         for p in stepped:
-            init_adam_state(self.state[p], p)
+            step = init_adam_state(self.state[p], p)
+            if step is not None:
+                self._step_counts.record([step], 0)
 
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        stepped: list[Tensor],
-        layout: StepLayout,
-        adapt: list[bool],
-        decay: list[bool],
-        foreach: bool,
-    ) -> tuple[list[int], Tensor] | None:
+    def _step_group(self, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan, foreach: bool) -> Ratios | None:
         states = [self.state[p] for p in stepped]
-        return adam_lars(
-            stepped,
-            [p.grad for p in stepped],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            layout,
-            adapt,
-            decay,
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            bias_correction=group["bias_correction"],
-            trust_clip=group["trust_clip"],
-            trust_bounds=group["trust_bounds"],
-            foreach=foreach,
-            fused=bool(group["fused"]),
+        steps = [s["step"] for s in states]
+        count = self._step_counts.known(steps)
+        result = adam_lars(
+            stepped, [p.grad for p in stepped], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            steps, plan, AdamLarsHyper.of_group(group), foreach=foreach, fused=bool(group["fused"]), count=count,
         )
+        if count is not None and not group["fused"]:
+            self._step_counts.record(steps, count + 1)
+        return result
 
 
 def adam_lars(
@@ -161,133 +133,26 @@ def adam_lars(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: AdamLarsHyper,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-    trust_clip: bool,
-    trust_bounds: tuple[float, float] | None,
     foreach: bool,
     fused: bool = False,
-) -> tuple[list[int], Tensor] | None:
+    count: int | None = None,
+) -> Ratios | None:
     """Functional AdamLARS step over one param group; returns ``(layer ids, ratios)`` of adapted layers.
 
-    ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_adam_lars` (same result).
+    ``steps`` are the ``state["step"]`` tensors; ``count``: their common value before this step when the
+    caller knows it on the host (:class:`hf_lars.optim.moments.HostStepCounts`), so the per-step scalars are
+    host floats; ``None``: they are computed from ``steps`` on the device.  ``fused``: the compiled
+    two-pass step of :func:`hf_lars.optim.fused.fused_adam_lars` (same result; it reads the counts on the
+    device).  The eager step runs a chunk of tensors at a time (:func:`step_in_chunks`).
     """
     if fused:
-        return fused_adam_lars(
-            params, grads, exp_avgs, exp_avg_sqs, steps, layout, adapt, decay, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, trust_clip=trust_clip,
-            trust_bounds=trust_bounds, inv_scale=active_inv_scale(),
-        )
-    work = StepTensors(params, grads, layout)
-    increment_steps(steps, foreach)
-    w = work.pieces(work.weights)
-    bc1 = bc2 = None
-    if bias_correction:  # one value per stepped tensor (all pieces of a tensor share its step)
-        t = step_scalars(torch.stack(steps))
-        bc1, bc2 = (1 - beta1**t).float(), (1 - beta2**t).float()
-    if not foreach and layout.trivial:
-        ratios = _tensor_by_tensor_adam_lars(
-            w,
-            work.pieces(work.grads),
-            work.state_pieces(exp_avgs),
-            work.state_pieces(exp_avg_sqs),
-            bc1,
-            bc2,
-            adapt,
-            decay,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            trust_clip=trust_clip,
-            trust_bounds=trust_bounds,
-        )
-        work.write_back()
-        return None if ratios is None else (layout.select(adapt).layers, ratios)
-    # The direction is elementwise: compute it on whole (local) tensors, one op each even for a flat ZeRO
-    # partition holding many layers, and cut it into pieces only for the per-layer norms and the update.
-    u = work.pieces(
-        adam_direction(
-            work.state_local(exp_avgs),
-            work.state_local(exp_avg_sqs),
-            work.grads,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            bias_correction1=bc1,
-            bias_correction2=bc2,
-            foreach=foreach,
-        )
-    )
-    result = trust_ratio_step(
-        layout,
-        adapt,
-        decay,
-        w,
-        u,
-        scale=-lr,
-        weight_decay=weight_decay,
-        trust_clip=trust_clip,
-        trust_bounds=trust_bounds,
-        foreach=foreach,
-    )
-    work.write_back()
-    return result
+        return fused_adam_lars(params, grads, exp_avgs, exp_avg_sqs, steps, plan, hp, inv_scale=active_inv_scale())
+    scalars = hp.scalars(count_steps(steps, count))
 
+    def step_chunk(work: StepTensors, sub: StepPlan, span: slice) -> Ratios | None:
+        return lamb_form_step(work, sub, exp_avgs[span], exp_avg_sqs[span], scalars.take(span), hp, foreach)
 
-def _tensor_by_tensor_adam_lars(
-    w: list[Tensor],
-    g: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    bc1: Tensor | None,
-    bc2: Tensor | None,
-    adapt: list[bool],
-    decay: list[bool],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_clip: bool,
-    trust_bounds: tuple[float, float] | None,
-) -> Tensor | None:
-    """The per-tensor path when every tensor is one whole, unsharded layer; returns the adapted ones' ratios.
-
-    Each tensor is finished (moments, direction, norms, trust ratio, update) before the next one starts, so
-    its one temporary dies at once and its data is still in cache.  Materialising every direction before
-    taking the norms, as layers split across tensors or ranks require, is ~2x slower on CPU.  Same result.
-    """
-    den_scale, den_shift = denominator_scalars(len(w), eps, bc1, bc2, None)
-    ratios = []
-    for i, (wi, adapted, decayed) in enumerate(zip(w, adapt, decay)):
-        u = adam_direction_piece(
-            exp_avgs[i],
-            exp_avg_sqs[i],
-            g[i],
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            scale=None if den_scale is None else den_scale[i],
-            shift=None if den_shift is None else den_shift[i],
-        )
-        if not adapted:
-            wi.add_(u, alpha=-lr)
-            continue
-        if weight_decay != 0 and decayed:
-            u.add_(wi, alpha=weight_decay)
-        norm = torch.linalg.vector_norm
-        ratio = adam_trust_ratio(norm(wi, dtype=torch.float32), norm(u, dtype=torch.float32), trust_clip, trust_bounds)
-        wi.addcmul_(u, ratio * -lr)
-        ratios.append(ratio)
-    return torch.stack(ratios) if ratios else None
+    return step_in_chunks(plan, params, grads, step_chunk)

@@ -11,10 +11,11 @@ themselves are pure functions in each optimizer's module.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,9 +30,19 @@ from hf_lars.layout.stacked import (
     split_stacked,
     stacked_layers,
 )
+from hf_lars.optim.fused import check_fused
+from hf_lars.optim.moments import HostStepCounts
+from hf_lars.optim.trust import Ratios, StepPlan
 from hf_lars.optim.working_copies import unscaled_gradients
 
-__all__ = ["TrustRatioOptimizer", "check_bool", "check_range", "default_foreach"]
+__all__ = [
+    "HyperParameters",
+    "TrustRatioOptimizer",
+    "check_bool",
+    "check_range",
+    "constructor_defaults",
+    "default_foreach",
+]
 
 # Group keys every optimizer accepts besides its hyper-parameters; a group's tensors may stack layers along
 # dim 0 (``stacked_dim``, ``stacked_transposed``: docs/design.md, "Mixture-of-experts: stacked layers").
@@ -41,6 +52,8 @@ _STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr", *STACKED_KE
 _BOOL_KEYS = ("nesterov", "trust_clip", "use_gc", "bias_correction", "degenerated_to_sgd", "adapt_excluded",
               "exclude_1d", "excluded")
 _OPTIONAL_BOOL_KEYS = ("foreach", "fused")
+# Hyper-parameters every rule has, each >= 0.
+_NON_NEGATIVE_KEYS = ("lr", "eps", "weight_decay")
 _REMOVED_ADAPT = (
     "The param group key 'adapt' was replaced by two decisions: mark a group's layers excluded with "
     "'excluded': True (excluded layers never take weight decay), and choose whether excluded layers take the "
@@ -79,6 +92,30 @@ def check_range(
         raise ValueError(f"Invalid {name} value: {value!r} (allowed range: {allowed})")
 
 
+_H = TypeVar("_H", bound="HyperParameters")
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperParameters:
+    """Base of each rule's frozen hyper-parameter record: the functional entries (eager and fused) take one
+    record instead of a keyword per hyper-parameter.  Field names are the param-group keys."""
+
+    @classmethod
+    def of_group(cls: type[_H], group: dict[str, Any]) -> _H:
+        """The record of a param group (lists, e.g. ``betas`` read from JSON, become tuples: hashable)."""
+        return cls(**{f.name: _frozen(group[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def constructor_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer constructor's arguments (its ``locals()`` before anything else) as its ``defaults``:
+    every hyper-parameter and implementation flag is the group key of the same name."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
+
+
 def default_foreach(params: Sequence[Tensor]) -> bool:
     """Pick the faster implementation for the device: foreach on accelerators, the per-tensor loop on CPU.
 
@@ -108,10 +145,12 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # id(group dict) -> index into _layers.  DeepSpeed ZeRO-1/2 step one group at a time by setting
         # ``optimizer.param_groups = [group]``, so a position in param_groups is not the group's index.
         self._group_index: dict[int, int] = {}
+        # (group index, stepped ids) -> (stepped, their layout, the plan over it, join a collective)
         self._layout_cache: dict[
-            tuple[int, tuple[int, ...]],
-            tuple[list[weakref.ref[Tensor]], StepLayout, list[bool], list[bool], bool],
+            tuple[int, tuple[int, ...]], tuple[list[weakref.ref[Tensor]], StepLayout, StepPlan, bool]
         ] = {}
+        # What this optimizer wrote into its ``state["step"]`` tensors, known on the host (moments.py).
+        self._step_counts = HostStepCounts()
         # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
         # separate step() calls, each with its own layers.
         self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
@@ -130,7 +169,8 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         """Raise ``ValueError`` naming any hyper-parameter of ``group`` outside its allowed range."""
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        """The checks every optimizer shares (the boolean switches), then the subclass's ranges."""
+        """The checks every optimizer shares (the boolean switches, ``fused``, and ``lr``, ``eps`` and
+        ``weight_decay`` >= 0, which every rule has), then the subclass's ranges."""
         for key in _BOOL_KEYS:
             if key in group:
                 check_bool(key, group[key])
@@ -138,6 +178,9 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if key in group:
                 check_bool(key, group[key], optional=True)
         check_stacked_keys(group.get("stacked_dim"), group.get("stacked_transposed", False))
+        check_fused(group)
+        for key in _NON_NEGATIVE_KEYS:
+            check_range(key, group[key], 0.0)
         self._validate_group(group)
 
     def _check_group_keys(self, group: dict[str, Any]) -> None:
@@ -224,13 +267,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         self._last_ratios[(group_index, tuple(layers))] = ([names[i] for i in layers], ratios.detach())
 
     # -------------------------------------------------------------------------------------- layouts
-    def _step_layout(
-        self, group: dict[str, Any], group_index: int, stepped: list[Tensor]
-    ) -> tuple[StepLayout, list[bool], list[bool], bool]:
-        """The layout of this step's tensors, per piece whether it is adapted and whether it decays, and
-        whether to join a collective.
+    def _step_layout(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> tuple[StepPlan, bool]:
+        """The plan of this step (layout of the stepped tensors, per piece whether it is adapted and whether
+        it decays) and whether to join a collective.
 
-        The last item is true when the norms are reduced over a process group and the group has adapted
+        The second item is true when the norms are reduced over a process group and the group has adapted
         layers: then every rank must take part in the all-reduce, even one that holds no adapted piece (its
         partition may hold only excluded layers or padding).  Built once per set of stepped tensors and
         cached (ZeRO-3 steps several sub-group tensors in turn, so the cache holds one entry per tensor set).
@@ -240,7 +281,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         key = (group_index, tuple(id(t) for t in stepped))
         cached = self._layout_cache.get(key)
         if cached is not None and all(a() is b for a, b in zip(cached[0], stepped)):  # ids can be reused
-            return cached[1], cached[2], cached[3], cached[4]
+            return cached[2], cached[3]
         layers = self._group_layers(group_index)
         layouts, shapes = resolve_layouts(stepped, layers, group["params"])
         # A group whose tensors stack layers (MoE experts): one layer per expert, the pieces cut at experts.
@@ -257,11 +298,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             layer_transposed=stacked.transposed,
         )  # device: a DTensor's is its shard's
         roles = [self._layer_roles(group, shape) for shape in shapes]
-        adapt_piece = [roles[layer][0] for layer in layout.piece_layer]
-        decay_piece = [roles[layer][1] for layer in layout.piece_layer]
+        plan = StepPlan.of(layout, [roles[layer][0] for layer in layout.piece_layer],
+                           [roles[layer][1] for layer in layout.piece_layer])
         join = layout.process_group is not None and any(adapted for adapted, _ in roles)
-        self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, adapt_piece, decay_piece, join)
-        return layout, adapt_piece, decay_piece, join
+        self._layout_cache[key] = ([weakref.ref(t) for t in stepped], layout, plan, join)
+        return plan, join
 
     @staticmethod
     def _layer_roles(group: dict[str, Any], shape: torch.Size) -> tuple[bool, bool]:
@@ -341,6 +382,8 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                    if key == "step":  # read once here, so later steps know the count on the host
+                        self._step_counts.record([self.state[p][key]], int(value))
         self._invalidate_layouts()
 
     # ----------------------------------------------------------------------------------------- step
@@ -349,20 +392,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         before :meth:`_step_group`, so that a step GradScaler skips can be undone to exactly this state."""
 
     @abc.abstractmethod
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        stepped: list[Tensor],
-        layout: StepLayout,
-        adapt: list[bool],
-        decay: list[bool],
-        foreach: bool,
-    ) -> tuple[list[int], Tensor] | None:
+    def _step_group(self, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan, foreach: bool) -> Ratios | None:
         """Step the group's ``stepped`` tensors (state exists: :meth:`_init_state`) with the rule's functional form.
 
-        ``layout`` cuts them into pieces, ``adapt`` says per piece whether it takes the trust ratio,
-        ``decay`` whether it takes weight decay (only adapted pieces do), and ``foreach`` picks the
-        implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
+        ``plan`` cuts them into pieces and says per piece whether it takes the trust ratio and weight decay;
+        ``foreach`` picks the implementation.  Returns ``(layer ids, ratios)`` of the adapted layers this
         rank holds, or ``None`` when it holds none; :meth:`step` records them for :meth:`trust_ratios`.
         """
 
@@ -424,18 +458,19 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
                 stepped.append(p)
             if not stepped:
                 continue
-            layout, adapt, decay, join = self._step_layout(group, group_index, stepped)
+            plan, join = self._step_layout(group, group_index, stepped)
+            layout = plan.layout
             self._prepare_group(group, stepped, layout)
-            if join and not any(adapt):
+            if join and not any(plan.adapt):
                 # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
-                layout.select(adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
+                layout.select(plan.adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
             if not layout.num_pieces:
                 continue
             foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
             self._init_state(group, stepped)
             saved = _save_for_skip(stepped, self.state, layout) if found_inf is not None else None
             with unscaled_gradients(grad_scale):
-                ratios = self._step_group(group, stepped, layout, adapt, decay, foreach)
+                ratios = self._step_group(group, stepped, plan, foreach)
             if saved is not None:
                 _restore_if(found_inf, saved)
             if ratios is not None:

@@ -38,14 +38,19 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hf_lars.layout import StepLayout
-from hf_lars.optim.moments import denominator_scalars, step_scalars
-from hf_lars.optim.trust import adam_trust_ratio, lars_trust_ratio, ratio_weight_decay
+from hf_lars.optim.moments import AdamScalars, step_scalars
+from hf_lars.optim.trust import Ratios, StepPlan, adam_trust_ratio, lars_trust_ratio, ratio_weight_decay
+
+if TYPE_CHECKING:
+    from hf_lars.optim.adam_lars import AdamLarsHyper
+    from hf_lars.optim.lars import LarsHyper
+    from hf_lars.optim.ranger_lars import RangerLarsHyper
 
 __all__ = ["check_fused", "compile_stats", "fused_lars", "fused_adam_lars", "fused_ranger_lars"]
 
@@ -221,24 +226,17 @@ def fused_lars(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: LarsHyper,
     *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    trust_clip: bool,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-) -> tuple[list[int], Tensor] | None:
+) -> Ratios | None:
     """:func:`hf_lars.optim.lars.lars` as two compiled passes; same arguments, plus ``inv_scale`` and
     ``found_inf`` (see the module docstring).  Returns ``(layer ids, ratios)`` of the adapted layers."""
+    layout, adapt, decay = plan.layout, plan.adapt, plan.decay
     w, g = layout.local(params), layout.local(grads)
-    bufs = layout.local(momentum_buffers) if momentum > 0 else []
+    bufs = layout.local(momentum_buffers) if hp.momentum > 0 else []
     inv_scale, found_inf = _on(inv_scale, w[0]), _on(found_inf, w[0])
     spec = _spec(layout, w)
     adapted = layout.select(adapt)
@@ -249,13 +247,13 @@ def fused_lars(
         a_spec = tuple(s for s, a in zip(spec, adapt) if a)
         squares = _call(_lars_norms_pass, (a_spec, flags[0]), lambda: _signature(w, g), layout, w, g, inv_scale, a_spec)
         norms = adapted.norms_from_squares(squares)
-        ratio_wd = ratio_weight_decay(adapted, adapted.take(decay), weight_decay, norms.device)
-    hp = (momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip)
-    static = (spec, tuple(adapt), tuple(decay), hp, flags)
-    lr_t = _device_scalar(lr, w[0])
+        ratio_wd = ratio_weight_decay(adapted, adapted.take(decay), hp.weight_decay, norms.device)
+    rule = (hp.momentum, hp.weight_decay, hp.trust_coefficient, hp.eps, hp.nesterov, hp.trust_clip)
+    static = (spec, adapt, decay, rule, flags)
+    lr_t = _device_scalar(hp.lr, w[0])
     ratio = _call(
         _lars_update_pass, static, lambda: _signature(w, g, bufs), layout,
-        w, g, bufs, norms, ratio_wd, lr_t, inv_scale, found_inf, spec, tuple(adapt), tuple(decay), hp,
+        w, g, bufs, norms, ratio_wd, lr_t, inv_scale, found_inf, spec, adapt, decay, rule,
     )
     return None if ratio is None else (adapted.layers, ratio)
 
@@ -332,57 +330,62 @@ def _adam_update_pass(weights, exp_avgs, exp_avg_sqs, slow, den_a, den_b, norms,
 
 
 def _adam_form_step(
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: AdamLarsHyper | RangerLarsHyper,
     w: list[Tensor],
     g: list[Tensor],
     m: list[Tensor],
     v: list[Tensor],
     slow: list[Tensor],
-    den: tuple[Tensor | None, Tensor | None],
-    scale: Tensor,
-    fallback: Tensor | None,
-    sync: Tensor | None,
+    sc: AdamScalars,
     centre: list[bool],
     centre_rows: Callable[[Tensor], Tensor] | None,
     *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_clip: bool,
-    trust_bounds: tuple[float, float] | None,
     alpha: float,
     inv_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> tuple[list[int], Tensor] | None:
-    """The two passes and the reduction between them, shared by AdamLARS and RangerLARS (local tensors)."""
+) -> Ratios | None:
+    """The two passes and the reduction between them, shared by AdamLARS and RangerLARS (local tensors).
+
+    ``sc``: the step's scalars as the eager path computes them (``hp.scalars`` of the device step counts);
+    the factors enter the compiled passes as device tensors, ``-lr`` included, so no value recompiles."""
+    layout, adapt, decay = plan.layout, plan.adapt, plan.decay
     inv_scale, found_inf = _on(inv_scale, w[0]), _on(found_inf, w[0])
     spec = _spec(layout, w)
     adapted = layout.select(adapt)
-    den_a, den_b = (None, None) if den[0] is None else (layout.per_piece(den[0]), layout.per_piece(den[1]))
+    n = len(w)
+    den_a, den_b = (None, None)
+    if isinstance(sc.den_scale, Tensor):  # otherwise 1 and eps: the denominator sqrt(v) + eps
+        den_a, den_b = layout.per_piece(sc.den_scale), layout.per_piece(sc.den_shift)
+    scale = sc.factor * -hp.lr if isinstance(sc.factor, Tensor) else _device_scalar(-hp.lr * sc.factor, w[0]).expand(n)
+    fallback = None if sc.fallback is None else sc.fallback * -hp.lr
+    sync = None if sc.sync is None else layout.per_piece(sc.sync)
+    beta1, beta2 = hp.betas
     flags = (inv_scale is not None, found_inf is not None, den_a is not None)
-    bounds = None if trust_bounds is None else tuple(trust_bounds)
-    hp1 = (beta1, beta2, eps, weight_decay)
-    static = (spec, tuple(adapt), tuple(decay), tuple(centre), hp1, flags)
+    hp1 = (beta1, beta2, hp.eps, hp.weight_decay)
+    static = (spec, adapt, decay, tuple(centre), hp1, flags)
     squares = _call(
         _adam_norms_pass, static, lambda: _signature(w, g, m, v), layout,
-        w, g, m, v, den_a, den_b, inv_scale, found_inf, spec, tuple(adapt), tuple(decay), tuple(centre),
-        centre_rows, hp1,
+        w, g, m, v, den_a, den_b, inv_scale, found_inf, spec, adapt, decay, tuple(centre), centre_rows, hp1,
     )
     norms = None
     if len(adapted):
         norms = adapted.norms_from_squares(squares)
-    hp = (eps, weight_decay, trust_clip, bounds, alpha)
-    static = (spec, tuple(adapt), tuple(decay), hp, flags, sync is not None, fallback is not None)
+    hp2 = (hp.eps, hp.weight_decay, hp.trust_clip, hp.trust_bounds, alpha)
+    static = (spec, adapt, decay, hp2, flags, sync is not None, fallback is not None)
     ratio = _call(
         _adam_update_pass, static, lambda: _signature(w, m, v, slow), layout,
         w, m, v, slow, den_a, den_b, norms, layout.per_piece(scale),
-        None if fallback is None else layout.per_piece(fallback), sync, found_inf, spec, tuple(adapt),
-        tuple(decay), hp,
+        None if fallback is None else layout.per_piece(fallback), sync, found_inf, spec, adapt, decay, hp2,
     )
     return None if ratio is None else (adapted.layers, ratio)
+
+
+def _device_counts(steps: list[Tensor], found_inf: Tensor | None) -> Tensor:
+    """Count this step on the device (not when ``found_inf``) and return the counts as float64 (or the
+    device's step-scalar dtype: ``moments.step_scalars``), one per stepped tensor."""
+    _count_steps(steps, _on(found_inf, steps[0]))
+    return step_scalars(torch.stack(steps))
 
 
 def fused_adam_lars(
@@ -391,34 +394,20 @@ def fused_adam_lars(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: AdamLarsHyper,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-    trust_clip: bool,
-    trust_bounds: tuple[float, float] | None,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-) -> tuple[list[int], Tensor] | None:
+) -> Ratios | None:
     """:func:`hf_lars.optim.adam_lars.adam_lars` as two compiled passes; same arguments, plus ``inv_scale``
     and ``found_inf`` (see the module docstring).  Returns ``(layer ids, ratios)`` of the adapted layers."""
+    layout = plan.layout
     w = layout.local(params)
-    _count_steps(steps, _on(found_inf, steps[0]))
-    den: tuple[Tensor | None, Tensor | None] = (None, None)
-    if bias_correction:  # per stepped tensor, float64 on the device (moments.step_scalars)
-        t = step_scalars(torch.stack(steps))
-        den = denominator_scalars(len(w), eps, (1 - beta1**t).float(), (1 - beta2**t).float(), None)
-    scale = _device_scalar(-lr, w[0]).expand(len(w))
+    sc = hp.scalars(_device_counts(steps, found_inf))
     return _adam_form_step(
-        layout, adapt, decay, w, layout.local(grads), layout.local(exp_avgs), layout.local(exp_avg_sqs), [], den,
-        scale, None, None, [False] * len(w), None, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        trust_clip=trust_clip, trust_bounds=trust_bounds, alpha=0.0, inv_scale=inv_scale, found_inf=found_inf,
+        plan, hp, w, layout.local(grads), layout.local(exp_avgs), layout.local(exp_avg_sqs), [], sc,
+        [False] * len(w), None, alpha=0.0, inv_scale=inv_scale, found_inf=found_inf,
     )
 
 
@@ -429,42 +418,30 @@ def fused_ranger_lars(
     exp_avg_sqs: list[Tensor],
     slow_buffers: list[Tensor],
     steps: list[Tensor],
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: RangerLarsHyper,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    use_gc: bool,
-    k: int,
-    alpha: float,
-    rectify_threshold: float,
-    degenerated_to_sgd: bool = False,
     centred: bool = False,
     centre_rows: Callable[[Tensor], Tensor] | None = None,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-) -> tuple[list[int], Tensor] | None:
+) -> Ratios | None:
     """:func:`hf_lars.optim.ranger_lars.ranger_lars` as two compiled passes; same arguments, plus
     ``centre_rows`` (the GC function, ``ranger_lars.centralize_gradient``), ``inv_scale`` and ``found_inf``.
     Returns ``(layer ids, ratios)`` of the adapted layers.
 
-    The per-step scalars come from the eager path's own functions (``radam_rectification``,
-    ``denominator_scalars``) as per-tensor device values, so the rectified/unrectified choice is data, not a
-    branch: while unrectified the trust-ratio step is scaled by 0 and ``degenerated_to_sgd`` adds
-    ``-lr * m^`` instead.  Gradient Centralization (unless ``centred``: already done by ``_prepare_group``)
-    runs inside the norms pass when every tensor's pieces hold whole rows; when a flat partition cuts rows
-    (no process group), the layout's ``row_centring()`` centres the unscaled fp32 gradients before the
-    passes, as the eager path does.
+    The per-step scalars are the eager path's (``hp.scalars``, :func:`hf_lars.optim.moments.rectified_scalars`)
+    as per-tensor device values, so the rectified/unrectified choice is data, not a branch: while
+    unrectified the trust-ratio step is scaled by 0 and ``degenerated_to_sgd`` adds ``-lr * m^`` instead.
+    Gradient Centralization (unless ``centred``: already done by ``_prepare_group``) runs inside the norms
+    pass when every tensor's pieces hold whole rows; when a flat partition cuts rows (no process group),
+    the layout's ``row_centring()`` centres the unscaled fp32 gradients before the passes, as the eager path
+    does.
     """
-    from hf_lars.optim.ranger_lars import radam_rectification  # ranger_lars imports this module
-
+    layout = plan.layout
     w, g = layout.local(params), layout.local(grads)
     inv_scale = _on(inv_scale, w[0])
-    gc = use_gc and not centred
+    gc = hp.use_gc and not centred
     if gc and centre_rows is None:
         raise ValueError(
             "fused_ranger_lars: use_gc=True needs centre_rows; pass centre_rows=centralize_gradient "
@@ -475,17 +452,8 @@ def fused_ranger_lars(
         g = [_grad32(gi, inv_scale) for gi in g]
         g = layout.row_centring().centre(g, centre_rows)
         inv_scale, centre = None, [False] * len(g)
-    _count_steps(steps, _on(found_inf, steps[0]))
-    t = torch.stack(steps)
-    t64 = step_scalars(t)
-    rectified, s = (x.float() for x in radam_rectification(t64, beta2, rectify_threshold))
-    bc1 = (1 - beta1**t64).float()
-    den = denominator_scalars(len(w), eps, bc1, (1 - beta2**t64).float(), rectified)
-    fallback = (1 - rectified) * -lr / bc1 if degenerated_to_sgd else None
-    sync = layout.per_piece((torch.remainder(t, k) == 0).to(t.dtype))
+    sc = hp.scalars(_device_counts(steps, found_inf))
     return _adam_form_step(
-        layout, adapt, decay, w, g, layout.local(exp_avgs), layout.local(exp_avg_sqs), layout.local(slow_buffers),
-        den, s * rectified * -lr, fallback, sync, centre, centre_rows, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, trust_clip=False, trust_bounds=None, alpha=alpha, inv_scale=inv_scale,
-        found_inf=found_inf,
+        plan, hp, w, g, layout.local(exp_avgs), layout.local(exp_avg_sqs), layout.local(slow_buffers), sc, centre,
+        centre_rows, alpha=hp.alpha, inv_scale=inv_scale, found_inf=found_inf,
     )

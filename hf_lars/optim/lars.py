@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hf_lars.layout import PieceSubset, StepLayout, expand_scalars
-from hf_lars.optim.base import TrustRatioOptimizer, check_range
-from hf_lars.optim.fused import check_fused, fused_lars
-from hf_lars.optim.trust import lars_trust_ratio, ratio_weight_decay
-from hf_lars.optim.working_copies import StepTensors, active_inv_scale
+from hf_lars.layout import PieceSubset
+from hf_lars.optim.base import HyperParameters, TrustRatioOptimizer, check_range, constructor_defaults
+from hf_lars.optim.fused import fused_lars
+from hf_lars.optim.moments import operand
+from hf_lars.optim.trust import Ratios, StepPlan, lars_trust_ratio, ratio_weight_decay
+from hf_lars.optim.working_copies import StepTensors, active_inv_scale, step_in_chunks
 
-__all__ = ["LARS", "lars"]
+__all__ = ["LARS", "LarsHyper", "lars"]
+
+
+@dataclass(frozen=True)
+class LarsHyper(HyperParameters):
+    """LARS's hyper-parameters (see :class:`LARS`), as the functional entries take them."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    eps: float
+    nesterov: bool
+    trust_clip: bool
 
 
 class LARS(TrustRatioOptimizer):
@@ -70,28 +85,11 @@ class LARS(TrustRatioOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            trust_coefficient=trust_coefficient,
-            eps=eps,
-            nesterov=nesterov,
-            trust_clip=trust_clip,
-            exclude_1d=exclude_1d,
-            adapt_excluded=adapt_excluded,
-            foreach=foreach,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, constructor_defaults(locals()))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_fused(group)
-        check_range("lr", group["lr"], 0.0)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("trust_coefficient", group["trust_coefficient"], 0.0, low_open=True)
-        check_range("eps", group["eps"], 0.0)
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("Invalid nesterov value: True (Nesterov momentum requires momentum > 0)")
 
@@ -104,109 +102,63 @@ class LARS(TrustRatioOptimizer):
             if group["momentum"] > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
 
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        stepped: list[Tensor],
-        layout: StepLayout,
-        adapt: list[bool],
-        decay: list[bool],
-        foreach: bool,
-    ) -> tuple[list[int], Tensor] | None:
-        bufs: list[Tensor | None] = [self.state[p].get("momentum_buffer") for p in stepped]
-        return lars(
-            stepped,
-            [p.grad for p in stepped],
-            bufs,
-            layout,
-            adapt,
-            decay,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            trust_coefficient=group["trust_coefficient"],
-            eps=group["eps"],
-            nesterov=group["nesterov"],
-            trust_clip=group["trust_clip"],
-            foreach=foreach,
-            fused=bool(group["fused"]),
-        )
+    def _step_group(self, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan, foreach: bool) -> Ratios | None:
+        bufs = [self.state[p].get("momentum_buffer") for p in stepped]
+        return lars(stepped, [p.grad for p in stepped], bufs, plan, LarsHyper.of_group(group), foreach=foreach,
+                    fused=bool(group["fused"]))
 
 
 def lars(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    layout: StepLayout,
-    adapt: list[bool],
-    decay: list[bool],
+    plan: StepPlan,
+    hp: LarsHyper,
     *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    trust_coefficient: float,
-    eps: float,
-    nesterov: bool,
-    trust_clip: bool,
     foreach: bool,
     fused: bool = False,
-) -> tuple[list[int], Tensor] | None:
+) -> Ratios | None:
     """Functional LARS step over one param group; returns ``(layer ids, ratios)`` of the adapted layers.
 
-    ``adapt`` and ``decay`` say per piece whether it takes the trust ratio and weight decay (a decayed piece
-    is always adapted).  ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_lars`
-    (same result).
+    ``plan`` says per piece whether it takes the trust ratio and weight decay (a decayed piece is always
+    adapted).  ``fused``: the compiled two-pass step of :func:`hf_lars.optim.fused.fused_lars` (same
+    result).  The eager step runs a chunk of tensors at a time (:func:`step_in_chunks`).
     """
     if fused:
-        return fused_lars(
-            params, grads, momentum_buffers, layout, adapt, decay, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
-            trust_clip=trust_clip, inv_scale=active_inv_scale(),
-        )
-    work = StepTensors(params, grads, layout)
-    w, g = work.pieces(work.weights), work.pieces(work.grads)
-    bufs = work.state_pieces(momentum_buffers) if momentum > 0 else [None] * len(w)
-    adapted = layout.select(adapt)
-    plain = layout.select([not a for a in adapt])
+        return fused_lars(params, grads, momentum_buffers, plan, hp, inv_scale=active_inv_scale())
     impl = _multi_tensor_lars if foreach else _single_tensor_lars
-    ratios = None
-    if len(adapted):
-        decays = adapted.take(decay)
-        ratios = impl(
-            adapted, w, g, bufs, lr, momentum, weight_decay, decays, trust_coefficient, eps, nesterov, trust_clip
-        )
-    if len(plain):
-        impl(plain, w, g, bufs, lr, momentum, 0.0, [False] * len(plain), None, eps, nesterov, trust_clip)
-    work.write_back()
-    return None if ratios is None else (adapted.layers, ratios)
+
+    def step_chunk(work: StepTensors, sub: StepPlan, span: slice) -> Ratios | None:
+        w, g = work.pieces(work.weights), work.pieces(work.grads)
+        bufs = work.state_pieces(momentum_buffers[span]) if hp.momentum > 0 else [None] * len(w)
+        adapted = sub.layout.select(sub.adapt)
+        plain = sub.layout.select([not a for a in sub.adapt])
+        writable = all(work.owns_grad(i) for i in range(len(work.grads)))
+        ratios = impl(adapted, w, g, bufs, hp, adapted.take(sub.decay), True, writable) if len(adapted) else None
+        if len(plain):
+            impl(plain, w, g, bufs, hp, [False] * len(plain), False, writable)
+        return None if ratios is None else (adapted.layers, ratios)
+
+    return step_in_chunks(plan, params, grads, step_chunk)
 
 
 def _single_tensor_lars(
-    sub: PieceSubset,
-    w_all: list[Tensor],
-    g_all: list[Tensor],
-    buf_all: list[Tensor | None],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    decays: list[bool],
-    trust_coefficient: float | None,
-    eps: float,
-    nesterov: bool,
-    trust_clip: bool,
+    sub: PieceSubset, w_all: list[Tensor], g_all: list[Tensor], buf_all: list[Tensor | None], hp: LarsHyper,
+    decays: list[bool], trust: bool, writable: bool,
 ) -> Tensor | None:
-    """The readable reference: one piece at a time.  ``trust_coefficient=None``: no trust ratio.
+    """The readable reference: one piece at a time.  ``trust``: the pieces take the trust ratio.
 
-    ``decays[i]``: piece i takes weight decay (excluded layers do not).
+    ``decays[i]``: piece i takes weight decay (excluded layers do not).  ``writable``: the gradient pieces
+    are working copies, so ``g + wd * w`` is formed in their memory.
     """
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
-    rho = None
-    if trust_coefficient is not None:
-        norms = sub.norms(ws, gs, foreach=False)
-        rho = _ratios(sub, norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
+    momentum, lr = hp.momentum, hp.lr
+    rho = _ratios(sub, sub.norms(ws, gs, foreach=False), decays, hp) if trust else None
     for i, (w, g, buf) in enumerate(zip(ws, gs, bufs)):
-        d = g.add(w, alpha=weight_decay) if weight_decay != 0 and decays[i] else g
-        if buf is not None and not nesterov:
+        d = g
+        if hp.weight_decay != 0 and decays[i]:
+            d = g.add_(w, alpha=hp.weight_decay) if writable else g.add(w, alpha=hp.weight_decay)
+        if buf is not None and not hp.nesterov:
             # buf = momentum * buf + rho * d without materialising rho * d (one pass and one temporary fewer)
             buf.mul_(momentum)
             if rho is None:
@@ -221,7 +173,7 @@ def _single_tensor_lars(
             w.add_(d, alpha=-lr)
             continue
         buf.mul_(momentum).add_(d)
-        if nesterov:
+        if hp.nesterov:
             w.add_(d.add(buf, alpha=momentum), alpha=-lr)
         else:
             w.add_(buf, alpha=-lr)
@@ -229,32 +181,24 @@ def _single_tensor_lars(
 
 
 def _multi_tensor_lars(
-    sub: PieceSubset,
-    w_all: list[Tensor],
-    g_all: list[Tensor],
-    buf_all: list[Tensor | None],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    decays: list[bool],
-    trust_coefficient: float | None,
-    eps: float,
-    nesterov: bool,
-    trust_clip: bool,
+    sub: PieceSubset, w_all: list[Tensor], g_all: list[Tensor], buf_all: list[Tensor | None], hp: LarsHyper,
+    decays: list[bool], trust: bool, writable: bool,
 ) -> Tensor | None:
     ws, gs, bufs = sub.take(w_all), sub.take(g_all), sub.take(buf_all)
-    rho = None
-    if trust_coefficient is not None:
-        norms = sub.norms(ws, gs, foreach=True)
-        rho = _ratios(sub, norms, decays, trust_coefficient, weight_decay, eps, trust_clip)
+    momentum, lr = hp.momentum, hp.lr
+    rho = _ratios(sub, sub.norms(ws, gs, foreach=True), decays, hp) if trust else None
     d = list(gs)
-    if weight_decay != 0 and any(decays):
+    if hp.weight_decay != 0 and any(decays):
         idx = [i for i, dec in enumerate(decays) if dec]
-        for i, di in zip(idx, torch._foreach_add([gs[i] for i in idx], [ws[i] for i in idx], alpha=weight_decay)):
-            d[i] = di
-    # Per-layer ratios broadcast once over the pieces (expand_scalars): every op below stays on CUDA's
+        g_d, w_d = [gs[i] for i in idx], [ws[i] for i in idx]
+        if writable:
+            torch._foreach_add_(g_d, w_d, alpha=hp.weight_decay)
+        else:
+            for i, di in zip(idx, torch._foreach_add(g_d, w_d, alpha=hp.weight_decay)):
+                d[i] = di
+    # Per-layer ratios broadcast once over the pieces (operand): every op below stays on CUDA's
     # multi-tensor fast path, one kernel each instead of one per tensor.
-    rho_full = None if rho is None else expand_scalars(rho, d)
+    rho_full = None if rho is None else operand(rho, d)
     if bufs[0] is None:
         if rho_full is None:
             torch._foreach_add_(ws, d, alpha=-lr)
@@ -264,12 +208,12 @@ def _multi_tensor_lars(
     torch._foreach_mul_(bufs, momentum)
     if rho_full is None:
         torch._foreach_add_(bufs, d)
-    elif nesterov:
+    elif hp.nesterov:
         d = torch._foreach_mul(d, rho_full)
         torch._foreach_add_(bufs, d)
     else:
         torch._foreach_addcmul_(bufs, d, rho_full)
-    if nesterov:
+    if hp.nesterov:
         torch._foreach_add_(ws, d, alpha=-lr)
         torch._foreach_add_(ws, bufs, alpha=-lr * momentum)
     else:
@@ -277,19 +221,11 @@ def _multi_tensor_lars(
     return rho
 
 
-def _ratios(
-    sub: PieceSubset,
-    norms: Tensor,
-    decays: list[bool],
-    trust_coefficient: float,
-    weight_decay: float,
-    eps: float,
-    trust_clip: bool,
-) -> Tensor:
+def _ratios(sub: PieceSubset, norms: Tensor, decays: list[bool], hp: LarsHyper) -> Tensor:
     """Per-piece LARS ratios from ``norms`` (``[2, n]``: weights, gradients); wd enters only decayed pieces.
 
     A group that mixes decayed and excluded-but-adapted pieces (LARS's default: biases adapted, not decayed)
     takes one per-piece weight-decay vector, made once per subset: one ratio computation either way.
     """
-    wd = ratio_weight_decay(sub, decays, weight_decay, norms.device)
-    return lars_trust_ratio(norms[0], norms[1], trust_coefficient, wd, eps, trust_clip)
+    wd = ratio_weight_decay(sub, decays, hp.weight_decay, norms.device)
+    return lars_trust_ratio(norms[0], norms[1], hp.trust_coefficient, wd, hp.eps, hp.trust_clip)

@@ -1,24 +1,37 @@
-"""The working tensors of one group's step: local shards, fp32 copies of low-precision tensors, pieces.
+"""The working tensors of one group's step: local shards, fp32 copies of low-precision tensors, pieces, and
+the chunks a step is taken in.
 
 All update math runs in fp32 (docs/design.md, "Mixed precision"); this module is where bf16/fp16 (and fp64)
-parameters meet that rule.
+parameters meet that rule.  The fp32 copies and the step's temporaries are made one *chunk* of tensors at
+a time (:func:`step_in_chunks`), so a step's transient memory is bounded by a chunk, not by the group.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from hf_lars.layout import StepLayout
+from hf_lars.optim.trust import Ratios, StepPlan
 
-__all__ = ["StepTensors", "active_inv_scale", "unscaled_gradients"]
+__all__ = ["CHUNK_ELEMENTS", "StepTensors", "active_inv_scale", "chunk_plans", "step_in_chunks", "unscaled_gradients"]
 
 # The inverse loss scale of the step in progress (None: gradients carry no scale); set by the base class's
 # step() from GradScaler's ``grad_scale`` for the duration of one group's update.
 _inv_scale: Tensor | None = None
+
+# Chunks of whole layers (chunk_plans).  The largest tensor is a chunk of its own: its fp32 weight and
+# gradient copies (8 bytes per element; the step's other temporaries reuse the gradient copy) are the floor of
+# any eager step.  A chunk of several tensors takes up to 20 bytes per element (those copies, plus one
+# broadcast of per-layer values, ``expand_scalars``, with its int64 index), so it holds at most 2/5 of the
+# largest tensor's elements: never more memory than the largest tensor's own chunk.  And at least
+# CHUNK_ELEMENTS: on CUDA a foreach op over 1M elements moves >= 8 MB, long beside its launch, so chunking
+# costs no launch-bound time, and sets of small tensors (where launches count) fit in one chunk.
+CHUNK_ELEMENTS = 1 << 20
 
 
 @contextlib.contextmanager
@@ -78,7 +91,8 @@ def _fp32(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 class StepTensors:
-    """Weights and gradients of the stepped tensors as fp32 local tensors, cut into pieces on demand.
+    """Weights and gradients of (a chunk of) the stepped tensors as fp32 local tensors, cut into pieces on
+    demand.
 
     Low-precision (bf16/fp16) parameters are updated through an fp32 copy that :meth:`write_back` casts
     back; fp32 parameters are updated in place.  Gradients are never modified: a rule that transforms them
@@ -89,10 +103,20 @@ class StepTensors:
         self.layout = layout
         self._params = layout.local(params)
         self.weights = _fp32(self._params)
-        local_grads = layout.local(grads)
-        self.grads = _fp32(local_grads)
+        self._caller_grads = layout.local(grads)
+        self.grads = _fp32(self._caller_grads)
         if _inv_scale is not None:
-            self.grads = _unscale(self.grads, local_grads, _inv_scale)
+            self.grads = _unscale(self.grads, self._caller_grads, _inv_scale)
+
+    def owns_grad(self, i: int) -> bool:
+        """Whether ``grads[i]`` is a temporary of this step (an fp32 or unscaled copy, a centred gradient)
+        that may be overwritten once it has been read, rather than the caller's own gradient."""
+        return self.grads[i] is not self._caller_grads[i]
+
+    def release_grads(self) -> None:
+        """Drop the working gradients (their copies die at once) when the rest of the step does not read
+        them: the step's next temporaries then reuse their memory."""
+        self.grads = []
 
     def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
         """Pieces of local fp32 tensors parallel to the stepped ones (e.g. :attr:`weights`).
@@ -116,3 +140,65 @@ class StepTensors:
         if pairs:  # one _foreach_copy_ for the whole list
             torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
 
+
+# layout -> (adapt, decay) -> chunks: built once per layout (the base class keeps its layouts across steps).
+_CHUNKS: "weakref.WeakKeyDictionary[StepLayout, dict[tuple, list[tuple[slice, StepPlan]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def chunk_plans(plan: StepPlan, numels: Sequence[int]) -> list[tuple[slice, StepPlan]]:
+    """The chunks a step over ``plan`` is taken in: ``(tensors, plan of those tensors)``, in order.
+
+    Only whole, unsharded layers (``layout.trivial``) can be stepped a chunk at a time: every layer's norms
+    are then inside its chunk.  Consecutive tensors join a chunk while it holds at most
+    ``max(CHUNK_ELEMENTS, 2/5 of the largest tensor)`` elements; a tensor above that is a chunk of its own.  Any other layout (pieces of layers cut across tensors or ranks, whose
+    norms need every piece and one collective before any update) is one chunk.
+    """
+    layout = plan.layout
+    if not layout.trivial:
+        return [(slice(0, len(numels)), plan)]
+    per_layout = _CHUNKS.setdefault(layout, {})
+    key = (plan.adapt, plan.decay, tuple(numels))
+    chunks = per_layout.get(key)
+    if chunks is None:
+        limit = max(CHUNK_ELEMENTS, 2 * max(numels, default=0) // 5)
+        bounds, start, total = [], 0, 0
+        for i, n in enumerate(numels):
+            if i > start and (total + n > limit or n > limit):
+                bounds.append(slice(start, i))
+                start, total = i, 0
+            total += n
+        bounds.append(slice(start, len(numels)))
+        if len(bounds) == 1:
+            chunks = [(bounds[0], plan)]
+        else:
+            chunks = [
+                (span, StepPlan(StepLayout(layout.layouts[span], layout.num_layers, device=layout.device,
+                                           layer_shapes=layout.layer_shapes), plan.adapt[span], plan.decay[span]))
+                for span in bounds
+            ]
+        per_layout[key] = chunks
+    return chunks
+
+
+def step_in_chunks(
+    plan: StepPlan,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    step_chunk: Callable[[StepTensors, StepPlan, slice], Ratios | None],
+) -> Ratios | None:
+    """Run ``step_chunk(work, chunk plan, tensors)`` on each chunk (:func:`chunk_plans`) with its fp32
+    working tensors, writing each chunk back before the next one's copies are made; returns the ratios of
+    all chunks (layer ids in order)."""
+    results = []
+    for span, sub in chunk_plans(plan, [p.numel() for p in params]):
+        work = StepTensors(params[span], grads[span], sub.layout)
+        result = step_chunk(work, sub, span)
+        work.write_back()
+        del work  # this chunk's copies die before the next chunk's are made
+        if result is not None:
+            results.append(result)
+    if len(results) <= 1:
+        return results[0] if results else None
+    return [layer for layers, _ in results for layer in layers], torch.cat([r for _, r in results])
