@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=default_out_dir(), help="where CSVs and PNGs go (default docs/results)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny grid, few steps)")
     p.add_argument("--replot", action="store_true", help="fit and plot again from digits_surge_runs.csv")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs in digits_surge_runs.csv (same settings), train only the missing ones")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.lrs = [4, 16, 64], [1e-3, 4e-3, 1.6e-2]
@@ -149,12 +151,24 @@ def train_one(args: argparse.Namespace, data: dict[str, Any], batch: int, lr: fl
     return rows
 
 
-def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _read_runs(path: str) -> list[dict[str, Any]]:
+    ints = ("seed", "batch_size", "step", "diverged")
+    return [{k: int(v) if k in ints else float(v) for k, v in r.items()} for r in read_csv(path)]
+
+
+def run_grid(args: argparse.Namespace, prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every (seed, batch, LR) run, the largest batches first; runs found in ``prior`` are reused."""
     data = load_digits_splits()
+    done: dict[tuple[int, int, float], list[dict[str, Any]]] = {}
+    for r in prior:
+        done.setdefault((r["seed"], r["batch_size"], r["lr"]), []).append(r)
     jobs = [(b, lr, s) for s in range(args.seeds) for b in sorted(args.batch_sizes, reverse=True) for lr in args.lrs]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, (b, lr, s) in enumerate(jobs, 1):
+        if (s, b, lr) in done:
+            rows += done[(s, b, lr)]
+            continue
         mine = train_one(args, data, b, lr, s)
         rows += mine
         last = mine[-1]
@@ -312,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs_path = os.path.join(args.out_dir, "digits_surge_runs.csv")
     if args.replot:
-        rows = [{k: (float(v) if k not in ("seed", "batch_size", "step", "diverged") else int(v)) for k, v in r.items()}
-                for r in read_csv(runs_path)]  # fmt: skip
+        rows = _read_runs(runs_path)
     else:
-        rows = run_grid(args)
+        prior = _read_runs(runs_path) if args.resume and os.path.exists(runs_path) else []
+        rows = run_grid(args, prior)
         write_csv(runs_path, rows, RUN_COLUMNS)
     res = analyse(args, rows)
     plot(args, res, rows)

@@ -18,6 +18,8 @@ B=1024 in one-seed probes: 22 steps are too few for this network), so B=1024 tak
    0.9) with the LR swept **at every batch size** over ``centre * sqrt(B / B0) * 2**k`` (the grid moves
    with the batch so that it brackets the best LR; a best LR at the grid's edge is flagged), every seed at
    every LR; the LR with the best mean *validation* accuracy is chosen and its *test* accuracy reported.
+   A best LR at the grid's edge grows the grid by two LRs past that edge (``--extend``, once by default),
+   for both optimizers alike; a best LR still at the edge is flagged.
 
 Writes ``no_norm_runs.csv`` (every run), ``no_norm.csv`` (the chosen LR per optimizer and batch),
 ``no_norm_ratios.csv`` (the table of step 1), ``no_norm.png`` (accuracy vs batch and the sweeps) under
@@ -53,6 +55,7 @@ from _experiment import (  # noqa: E402
     mean_std,
     pct,
     progress_bar,
+    read_csv,
     run_and_report,
     seed_everything,
     single_thread,
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--ratio-batch", type=int, default=1024, help="images in the gradient of the init table")
     p.add_argument("--tolerance", type=float, default=0.01, help="'holds': mean test accuracy this close to B0")
+    p.add_argument("--extend", type=int, default=1, help="times a grid grows by 2 LRs past an edge that wins")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs in --out-dir's no_norm_runs.csv (from an invocation with the same settings)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.warmup_epochs = 1.0, 0.25
@@ -122,10 +128,21 @@ def init_ratios(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str
     return out
 
 
+def _prior_runs(args: argparse.Namespace) -> dict[tuple[str, int, float, int], dict[str, Any]]:
+    """``--resume``: the runs of an earlier invocation with the same settings, keyed (optimizer, batch, lr, seed)."""
+    path = os.path.join(args.out_dir, "no_norm_runs.csv")
+    if not (args.resume and os.path.exists(path)):
+        return {}
+    ints, strs = {"batch_size", "seed", "diverged", "steps", "warmup_steps", "width"}, {"optimizer", "model"}
+    rows = [{k: v if k in strs else int(v) if k in ints else float(v) for k, v in r.items()} for r in read_csv(path)]
+    return {(r["optimizer"], r["batch_size"], r["lr"], r["seed"]): r for r in rows}
+
+
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     data = load_digits_splits()
     ratios = init_ratios(args, data)
     write_csv(os.path.join(args.out_dir, "no_norm_ratios.csv"), ratios)
+    prior = _prior_runs(args)
     seeds = list(range(args.seeds))
     b0 = args.batch_sizes[0]
     grids = {(o, b): lr_grid(args, o, b) for o in OPTIMIZERS for b in args.batch_sizes}
@@ -133,17 +150,31 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     cache = RunCache(data, bar)
     rows: list[dict[str, Any]] = []
     chosen: dict[tuple[str, int], float] = {}
+
+    def run(o: str, b: int, lr: float, seed: int) -> dict[str, Any]:
+        if (o, b, lr, seed) in prior:
+            bar.update(1)
+            return prior[(o, b, lr, seed)]
+        cfg = RunConfig(optimizer=o, lr=lr, batch_size=b, seed=seed, epochs=args.epochs,
+                        warmup_epochs=args.warmup_epochs, warmup_start=b0 / b, weight_decay=args.weight_decay,
+                        width=args.width, model="plain_deep")  # fmt: skip
+        return cache.run(cfg)
+
     for b in sorted(args.batch_sizes, reverse=True):  # the cheap large batches first: early news
         for o in OPTIMIZERS:
-            mine = []
-            for lr in grids[(o, b)]:
-                for seed in seeds:
-                    cfg = RunConfig(optimizer=o, lr=lr, batch_size=b, seed=seed, epochs=args.epochs,
-                                    warmup_epochs=args.warmup_epochs, warmup_start=b0 / b,
-                                    weight_decay=args.weight_decay, width=args.width, model="plain_deep")  # fmt: skip
-                    mine.append(cache.run(cfg))
+            grid = grids[(o, b)]
+            mine = [run(o, b, lr, seed) for lr in grid for seed in seeds]
             chosen[(o, b)], _ = best_lr(mine)
-            rows += mine
+            for _ in range(args.extend):  # a best LR at an edge: two more LRs past that edge, once
+                if chosen[(o, b)] not in (grid[0], grid[-1]):
+                    break
+                low = chosen[(o, b)] == grid[0]
+                more = [float(f"{(grid[0] / 2**i if low else grid[-1] * 2**i):.4g}") for i in (1, 2)]
+                bar.total += len(more) * len(seeds)
+                mine += [run(o, b, lr, seed) for lr in more for seed in seeds]
+                grid = grids[(o, b)] = sorted(grid + more)
+                chosen[(o, b)], _ = best_lr(mine)
+            rows += sorted(mine, key=lambda r: (r["lr"], r["seed"]))
     bar.close()
     return {"rows": rows, "chosen": chosen, "grids": grids, "ratios": ratios}
 
@@ -190,12 +221,16 @@ def tables(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Na
                f"over {args.seeds} seed(s)\n\n"
                + markdown_table(["batch", "steps", *(LABELS[o] for o in OPTIMIZERS)], body))  # fmt: skip
     body = []
-    n = len(args.grid_powers)
     for b in args.batch_sizes:
+        n = max(len(res["grids"][(o, b)]) for o in OPTIMIZERS)
         for i in range(n):
-            row = [b if i == 0 else "", args.grid_powers[i]]
+            row = [b if i == 0 else "", i]
             for o in OPTIMIZERS:
-                lr = res["grids"][(o, b)][i]
+                grid = res["grids"][(o, b)]
+                if i >= len(grid):
+                    row.append("")
+                    continue
+                lr = grid[i]
                 runs = [r for r in res["rows"] if r["optimizer"] == o and r["batch_size"] == b and r["lr"] == lr]
                 (s,) = summarize(runs, ["lr"], ["val_acc", "test_acc"])
                 cell = f"{lr:.4g}: {pct(s['val_acc_mean'], s['val_acc_std'])}"
@@ -204,7 +239,7 @@ def tables(res: dict[str, Any], summary: list[dict[str, Any]], args: argparse.Na
                 row.append(f"**{cell}**" if lr == res["chosen"][(o, b)] else cell)
             body.append(row)
     out.append("#### LR sweeps (cells `LR: val acc %`; bold = chosen)\n\n"
-               + markdown_table(["batch", "k", *(LABELS[o] for o in OPTIMIZERS)], body))  # fmt: skip
+               + markdown_table(["batch", "#", *(LABELS[o] for o in OPTIMIZERS)], body))  # fmt: skip
     for o in OPTIMIZERS:
         ref = by[(o, b0)]["test_acc_mean"]
         held = [b for b in args.batch_sizes if ref - by[(o, b)]["test_acc_mean"] <= args.tolerance]

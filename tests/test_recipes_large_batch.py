@@ -49,18 +49,27 @@ def test_no_norm_lars_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     recipe = _load("no_norm_lars")
     assert recipe.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     runs = _rows(tmp_path / "no_norm_runs.csv")
-    assert len(runs) == 2 * 2 * 2  # 2 optimizers x 2 batch sizes x 2 LRs x 1 seed
+    # 2 optimizers x 2 batch sizes x 1 seed x 4 LRs: a 2-LR grid always wins at an edge, which adds 2 LRs
+    assert len(runs) == 2 * 2 * 4
     assert {r["model"] for r in runs} == {"plain_deep"}
     summary = _rows(tmp_path / "no_norm.csv")
     assert sorted((r["optimizer"], int(r["batch_size"])) for r in summary) == [
         ("lars", 32), ("lars", 256), ("sgd", 32), ("sgd", 256)
     ]  # fmt: skip
     args = recipe.parse_args(["--quick"])
-    for r in summary:  # the chosen LR is one of its grid's and has the best validation accuracy there
+    for r in summary:  # the chosen LR has the best validation accuracy of its extended grid
         grid = recipe.lr_grid(args, r["optimizer"], int(r["batch_size"]))
-        assert float(r["lr"]) in grid
         mine = [x for x in runs if x["optimizer"] == r["optimizer"] and x["batch_size"] == r["batch_size"]]
+        lrs = sorted(float(x["lr"]) for x in mine)
+        assert set(grid) < set(lrs) and len(lrs) == 4
+        below, above = [grid[0] / 4, grid[0] / 2, *grid], [*grid, grid[-1] * 2, grid[-1] * 4]  # (4 digits)
+        assert lrs == pytest.approx(below, rel=1e-3) or lrs == pytest.approx(above, rel=1e-3)
         assert float(r["val_acc_mean"]) == max(float(x["val_acc"]) for x in mine)
+        assert int(r["lr_at_grid_edge"]) == int(float(r["lr"]) in (lrs[0], lrs[-1]))
+    # --resume reuses every run: same rows, nothing trained again
+    before = (tmp_path / "no_norm_runs.csv").read_text()
+    assert recipe.main(["--quick", "--out-dir", str(tmp_path), "--resume"]) == 0
+    assert (tmp_path / "no_norm_runs.csv").read_text() == before
     ratios = _rows(tmp_path / "no_norm_ratios.csv")
     models = [r["model"] for r in ratios]
     assert models.count("plain_deep") == 8 and models.count("bn_convnet") == 4
@@ -77,13 +86,13 @@ def test_digits_surge_budgets_are_prefixes_of_one_run() -> None:
     an S/4-step run, bit for bit."""
     recipe = _load("digits_surge")
     data = _load("_experiment").load_digits_splits()
-    short = recipe.parse_args(["--quick", "--steps", "8"])
-    long = recipe.parse_args(["--quick", "--steps", "32"])
-    (end_of_short,) = [r for r in recipe.train_one(short, data, 16, 4e-3, 0) if r["step"] == 8]
-    (at_8,) = [r for r in recipe.train_one(long, data, 16, 4e-3, 0) if r["step"] == 8]
+    short, long = recipe.parse_args(["--quick"]), recipe.parse_args(["--quick"])
+    short.steps, long.steps = 20, 80  # budgets 5, 10, 20 and 20, 40, 80
+    (end_of_short,) = [r for r in recipe.train_one(short, data, 64, 1.6e-2, 0) if r["step"] == 20]
+    (at_20,) = [r for r in recipe.train_one(long, data, 64, 1.6e-2, 0) if r["step"] == 20]
     for key in ("val_loss", "test_loss", "b_noise"):
-        assert end_of_short[key] == at_8[key]
-    assert math.isfinite(at_8["b_noise"])
+        assert end_of_short[key] == at_20[key]
+    assert math.isfinite(at_20["b_noise"]) and at_20["b_noise"] > 0
 
 
 def test_digits_surge_quick_matches_the_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +115,11 @@ def test_digits_surge_quick_matches_the_cli_fit(tmp_path: Path, capsys: pytest.C
     cli_out = capsys.readouterr().out
     b_noise = float(fits[-1]["b_noise_fit"])
     assert f"B_noise = {b_noise:.4g}" in cli_out
-    # --replot refits from the runs CSV and writes the same fit table
+    # --replot refits from the runs CSV and writes the same fit table; --resume trains nothing again
     before = (tmp_path / "digits_surge_fit.csv").read_text()
+    runs_before = (tmp_path / "digits_surge_runs.csv").read_text()
     assert recipe.main(["--quick", "--out-dir", str(tmp_path), "--replot"]) == 0
+    assert (tmp_path / "digits_surge_fit.csv").read_text() == before
+    assert recipe.main(["--quick", "--out-dir", str(tmp_path), "--resume"]) == 0
+    assert (tmp_path / "digits_surge_runs.csv").read_text() == runs_before
     assert (tmp_path / "digits_surge_fit.csv").read_text() == before
