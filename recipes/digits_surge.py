@@ -26,7 +26,7 @@ Writes under ``--out-dir``: ``digits_surge_runs.csv`` (every run at every budget
 ``hf-lars scale fit``), ``digits_surge_best.csv`` (best LR per budget and batch), ``digits_surge_fit.csv``
 (the fit per budget beside the online noise scale) and ``digits_surge.png``.
 
-Regenerate the committed results (about 15 minutes on one core)::
+Regenerate the committed results (about 10 minutes on one free core)::
 
     python recipes/digits_surge.py
 """
@@ -66,10 +66,10 @@ RUN_COLUMNS = ["seed", "batch_size", "lr", "step", "val_loss", "test_loss", "tra
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 0.128])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (the full budget)")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then a constant LR")
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 at every (batch, LR)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 at every (batch, LR)")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--beta", type=float, default=0.95, help="EMA of the online noise scale (about 20 steps)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of each fit")
