@@ -258,6 +258,15 @@ def tables(args: argparse.Namespace, res: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _log_log(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Batch size on a log2 axis, the y values on a log axis, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
 def plot(args: argparse.Namespace, res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     import matplotlib
 
@@ -278,13 +287,8 @@ def plot(args: argparse.Namespace, res: dict[str, Any], rows: list[dict[str, Any
         ax.plot(bb, fit.predict(bb), "-", color=f"C{i}", alpha=0.8,
                 label=f"surge fit: B_noise = {fit.b_noise:.0f}" + ("" if fit.identifiable else " (not identifiable)"))
         ax.axvline(fit.b_noise, color=f"C{i}", linestyle=":", alpha=0.7)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("best Adam LR (vertex in ln LR)")
-    ax.set_title("Best LR vs batch at three budgets (open circle: grid edge)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _log_log(ax, "batch size", "best Adam LR (vertex in ln LR)",
+             "Best LR vs batch at three budgets (open circle: grid edge)")
     ax = axes[1]
     cmap = matplotlib.colormaps["viridis"]
     at = [r for r in rows if int(r["step"]) == args.steps]
@@ -306,13 +310,7 @@ def plot(args: argparse.Namespace, res: dict[str, Any], rows: list[dict[str, Any
                 label=f"online B_simple at the best LR, step {s}")  # fmt: skip
         ax.axhline(res["fit_objects"][s][0].b_noise, color=f"C{i}", linestyle="--", alpha=0.8,
                    label=f"fitted B_noise, {s} steps")  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size of the run")
-    ax.set_ylabel("B_noise (examples)")
-    ax.set_title("Online vs fitted noise scale")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _log_log(ax, "batch size of the run", "B_noise (examples)", "Online vs fitted noise scale")
     fig.suptitle(f"Adam, convnet without normalization, distorted digits; {args.seeds} seed(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "digits_surge.png"), dpi=110)

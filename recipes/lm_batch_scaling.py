@@ -73,7 +73,8 @@ MARKERS = {"adamw": "o", "adam_lars": "s", "ranger_lars": "^", "lars": "D"}
 #: LR grids (factor 2, 4 points) per (optimizer, batch), placed from one-seed probes (seed 0) over wider grids:
 #: 7 points at B=16; 6 points at B=128, RangerLARS also at 8 and 16 (16 diverged).  RangerLARS's grids were
 #: widened to 6 points when it became silent while RAdam is unrectified (its best LR could move either way).
-#: The choice uses the mean over all seeds; ``lm_batch_scaling.csv`` flags a chosen LR at the edge of its grid (``lr_at_grid_edge``).
+#: The choice uses the mean over all seeds; ``lm_batch_scaling.csv`` flags a chosen LR at the edge of its grid
+#: (``lr_at_grid_edge``).
 DEFAULT_GRIDS: dict[tuple[str, int], list[float]] = {
     ("adamw", 16): [2e-3, 4e-3, 8e-3, 1.6e-2],
     ("adamw", 128): [8e-3, 1.6e-2, 3.2e-2, 6.4e-2],
