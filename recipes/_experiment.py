@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "MODELS",
     "OPTIMIZERS",
     "RunCache",
     "RunConfig",
@@ -44,6 +45,8 @@ __all__ = [
     "default_out_dir",
     "load_digits_splits",
     "make_convnet",
+    "make_model",
+    "make_plain_deep_net",
     "markdown_table",
     "mean_std",
     "pct",
@@ -138,16 +141,24 @@ def augment(
 
 
 # ------------------------------------------------------------------------------------------------- model
-def make_convnet(width: int = 16) -> nn.Module:
-    """conv3x3(w) -> conv3x3/2(2w) -> conv3x3/2(4w), each with BatchNorm + ReLU; global average pool; linear.
+#: Model names understood by :func:`make_model`.
+MODELS = ("bn_convnet", "convnet", "plain_deep")
 
-    About 24k parameters at ``width=16``; 8x8 -> 8x8 -> 4x4 -> 2x2.
+
+def make_convnet(width: int = 16, norm: bool = True) -> nn.Module:
+    """conv3x3(w) -> conv3x3/2(2w) -> conv3x3/2(4w), each with BatchNorm (``norm``) + ReLU; global average pool;
+    linear.
+
+    About 24k parameters at ``width=16``; 8x8 -> 8x8 -> 4x4 -> 2x2.  Without ``norm`` the convolutions take
+    biases instead of BatchNorm's shift, and He init (:func:`_he_init`).
     """
 
     def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        if not norm:
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.ReLU(inplace=True)]
         return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    return nn.Sequential(
+    net = nn.Sequential(
         *block(1, width, 1),
         *block(width, 2 * width, 2),
         *block(2 * width, 4 * width, 2),
@@ -155,6 +166,46 @@ def make_convnet(width: int = 16) -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * width, NUM_CLASSES),
     )
+    return net if norm else _he_init(net)
+
+
+def _he_init(net: nn.Module) -> nn.Module:
+    """He (Kaiming-normal, fan-in, ReLU gain) weights and zero biases: the standard init of a ReLU network
+    without normalization (torch's default init shrinks the signal layer by layer)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def make_plain_deep_net(width: int = 16) -> nn.Module:
+    """Eight weight layers and no normalization: six conv3x3 (w, w, 2w/2, 2w, 4w/2, 4w), global average pool,
+    linear(4w, 4w), linear(4w, 10), ReLU between them, biases everywhere.
+
+    He (Kaiming-normal, fan-in, ReLU gain) init of the weights and zero biases, the standard init of a ReLU
+    network without normalization.  About 79k parameters at ``width=16``.
+    """
+    w = width
+    shape = [(1, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)]
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in shape:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.ReLU(inplace=True)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 4 * w), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(4 * w, NUM_CLASSES))
+    return _he_init(nn.Sequential(*layers))
+
+
+def make_model(name: str, width: int = 16) -> nn.Module:
+    """The model ``name`` (see :data:`MODELS`): ``bn_convnet`` (:func:`make_convnet`), ``convnet`` (the same
+    without BatchNorm) or ``plain_deep`` (:func:`make_plain_deep_net`)."""
+    if name == "bn_convnet":
+        return make_convnet(width)
+    if name == "convnet":
+        return make_convnet(width, norm=False)
+    if name == "plain_deep":
+        return make_plain_deep_net(width)
+    raise ValueError(f"Unknown model {name!r}; valid: {', '.join(MODELS)}")
 
 
 # ------------------------------------------------------------------------------------------- optimizers
@@ -254,6 +305,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     width: int = 16
     augment: bool = True
+    model: str = "bn_convnet"  # a name of make_model
 
     def key(self) -> tuple:
         return tuple(asdict(self).values())
@@ -283,6 +335,8 @@ def _recompute_bn_stats(model: nn.Module, x: Tensor, gen: torch.Generator, use_a
     recomputing them removes that confound equally for every optimizer.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -315,7 +369,7 @@ def train_run(cfg: RunConfig, data: dict[str, tuple[Tensor, Tensor]]) -> dict[st
     gen = seed_everything(cfg.seed)
     x_train, y_train = data["train"]
     n = x_train.shape[0]
-    model = make_convnet(cfg.width)
+    model = make_model(cfg.model, cfg.width)
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     total, warm = _steps(cfg, n)
     sched = get_warmup_poly_schedule(

@@ -71,15 +71,17 @@ COLORS = {"adamw": "tab:blue", "adam_lars": "tab:orange", "ranger_lars": "tab:gr
 MARKERS = {"adamw": "o", "adam_lars": "s", "ranger_lars": "^", "lars": "D"}
 
 #: LR grids (factor 2, 4 points) per (optimizer, batch), placed from one-seed probes (seed 0) over wider grids:
-#: 7 points at B=16; 6 points at B=128, RangerLARS also at 8 and 16 (16 diverged).  The choice uses the mean
-#: over all seeds; ``lm_batch_scaling.csv`` flags a chosen LR at the edge of its grid (``lr_at_grid_edge``).
+#: 7 points at B=16; 6 points at B=128, RangerLARS also at 8 and 16 (16 diverged).  RangerLARS's grids were
+#: widened to 6 points when it became silent while RAdam is unrectified (its best LR could move either way).
+#: The choice uses the mean over all seeds; ``lm_batch_scaling.csv`` flags a chosen LR at the edge of its grid
+#: (``lr_at_grid_edge``).
 DEFAULT_GRIDS: dict[tuple[str, int], list[float]] = {
     ("adamw", 16): [2e-3, 4e-3, 8e-3, 1.6e-2],
     ("adamw", 128): [8e-3, 1.6e-2, 3.2e-2, 6.4e-2],
     ("adam_lars", 16): [2e-2, 4e-2, 8e-2, 0.16],
     ("adam_lars", 128): [8e-2, 0.16, 0.32, 0.64],
-    ("ranger_lars", 16): [0.125, 0.25, 0.5, 1.0],
-    ("ranger_lars", 128): [1.0, 2.0, 4.0, 8.0],
+    ("ranger_lars", 16): [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0],
+    ("ranger_lars", 128): [0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
     ("lars", 16): [8.0, 16.0, 32.0, 64.0],
     ("lars", 128): [16.0, 32.0, 64.0, 128.0],
 }
