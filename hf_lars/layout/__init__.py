@@ -136,6 +136,7 @@ class StepLayout:
         device: torch.device | None = None,
         layer_shapes: Sequence[torch.Size] | None = None,
         layer_transposed: Sequence[bool] | None = None,
+        layer_names: Sequence[str] | None = None,
     ) -> None:
         self.layouts = list(layouts)
         self.num_layers = num_layers
@@ -146,11 +147,13 @@ class StepLayout:
         self._piece_views: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
         # Full shapes of the layers (row lengths for RowCentring); None: only the norms are needed.
         self.layer_shapes = None if layer_shapes is None else [torch.Size(s) for s in layer_shapes]
-        # Per layer: stored (in, out), its output dimension last (stacked experts used as x @ W); Gradient
+        # Per layer: stored (in, out), its output dimension last (Conv1D, experts used as x @ W); Gradient
         # Centralization then centres its columns.  None: every layer is stored (out, in) like nn.Linear.
         self.layer_transposed = (
             [False] * num_layers if layer_transposed is None else [bool(t) for t in layer_transposed]
         )
+        # Per layer: its name (``name[e]`` for an expert), for error messages; None: named by index.
+        self.layer_names = None if layer_names is None else list(layer_names)
         self._row_centring: Any = None  # hf_lars.layout.row_centring.RowCentring, built on first use
         self.trivial = all(lay.whole for lay in self.layouts)
         groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}

@@ -1,7 +1,7 @@
 """Stacked MoE experts under sharding equal one process: every optimizer under one engine, in one launch.
 
 The model (:class:`MoeNet`) has a router and experts stored as stacked parameters: ``up`` ``[E, F, H]``
-(each expert ``(out, in)``), ``down`` ``[E, F, H]`` stored ``(in, out)`` (``stacked_transposed``) and
+(each expert ``(out, in)``), ``down`` ``[E, F, H]`` stored ``(in, out)`` (``transposed``) and
 ``down_bias`` ``[E, H]``, declared with :func:`hf_lars.registry.declare_stacked` and grouped by
 :func:`hf_lars.build_param_groups`.  Expert weights differ 100x in scale.  For each (optimizer, model):
 ``STEPS`` steps under the engine on 2 ranks (half the global batch each) and the same steps in one process
