@@ -131,7 +131,18 @@ def declare_transposed(param: torch.Tensor) -> torch.Tensor:
     (the same rule as an ``nn.Linear`` weight's rows; docs/design.md, "Mixture-of-experts: stacked layers").
     Trust ratios do not depend on it.  transformers' ``Conv1D`` (GPT-2) is found without this.  Declare on
     the parameters the optimizer is built from (after ``fully_shard``).  Returns ``param``.
+
+    Raises:
+        ValueError: ``param`` has fewer than two dimensions (a vector has no orientation).
     """
+    from hf_lars.sharding import layer_shape
+
+    shape = tuple(layer_shape(param))
+    if len(shape) < 2:
+        raise ValueError(
+            f"declare_transposed: the parameter of shape {shape} is not a matrix; only a layer with two or more "
+            "dimensions is stored (in, out) or (out, in).  Leave vectors (biases, norm scales) undeclared."
+        )
     setattr(param, LAYER_KEYS_ATTRIBUTE, {"transposed": True})
     return param
 

@@ -106,6 +106,8 @@ def test_declare_transposed_groups_a_custom_matrix() -> None:
 
     model = XW()
     assert declare_transposed(model.w) is model.w
+    with pytest.raises(ValueError, match=r"shape \(3,\) is not a matrix"):
+        declare_transposed(model.bias)
     groups = build_param_groups(model, 0.01)
     summary = [([n for n, _ in g["params"]], g.get("transposed"), g.get("excluded", False)) for g in groups]
     assert summary == [(["gate.weight"], None, False), (["w"], True, False), (["bias", "gate.bias"], None, True)]

@@ -97,7 +97,8 @@ class TensorLayout:
         process_group: the group to all-reduce partial sums over (``None``: the tensor holds whole layers).
         whole_rows: the tensor's own rows (slices along its dim 0) are whole rows of its layers, so row-wise
             operations such as Gradient Centralization can run on the tensor as a whole.  False for ZeRO flat
-            partitions and for tensors that stack layers (``layout.stacked``): those are centred per segment.
+            partitions, for tensors that stack layers and for layers stored ``(in, out)``
+            (``layout.stacked``): those are centred per segment.
         dtensor: the stepped tensor is a DTensor whose ``to_local()`` shard is the piece (FSDP2).
     """
 
