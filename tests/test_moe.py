@@ -410,3 +410,4 @@ def test_trainer_adam_lars_finds_mixtral_experts(tmp_path) -> None:
 
 def test_public_surface() -> None:
     assert hf_lars.registry.declare_stacked is declare_stacked
+    assert hf_lars.declare_transposed is hf_lars.registry.declare_transposed
