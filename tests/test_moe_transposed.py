@@ -130,3 +130,36 @@ def test_trainer_ranger_lars_finds_gpt2_conv1d_weights(tmp_path) -> None:
     ratios = inner.trust_ratios()
     assert set(expected) <= set(ratios)  # adapted, one ratio each
     assert all(math.isfinite(float(ratios[n])) for n in expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_step_keeps_the_orientation(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """A group of ``(in, out)`` matrices is still trivial (whole, unsharded layers), so it steps a chunk at a
+    time; each chunk centres columns, as one chunk does (fp64; bf16 parameters: fp32 working copies)."""
+    import hf_lars.optim.working_copies as wc
+    from hf_lars import RangerLARS
+
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(IN, OUT, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    grads = [[torch.randn(IN, OUT, generator=g, dtype=torch.float64).to(dtype) + 1.0 for _ in weights]
+             for _ in range(STEPS)]
+
+    def run(chunk_elements: int, declared: bool = True) -> tuple[list[torch.Tensor], int]:
+        monkeypatch.setattr(wc, "CHUNK_ELEMENTS", chunk_elements)
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = RangerLARS([{"params": params, "transposed": declared}], lr=1e-2, k=3, foreach=False)
+        for gs in grads:
+            for p, gp in zip(params, gs):
+                p.grad = gp.clone()
+            opt.step()
+        ((_, layout, plan, _),) = opt._layout_cache.values()
+        assert layout.trivial
+        return [p.detach() for p in params], len(wc.chunk_plans(plan, [p.numel() for p in params]))
+
+    chunked, chunks = run(1)
+    whole, one = run(1 << 20)
+    assert (chunks, one) == (3, 1)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    undeclared, _ = run(1, declared=False)  # the control: the chunks really centre columns
+    assert all(not torch.equal(a, b) for a, b in zip(undeclared, chunked))

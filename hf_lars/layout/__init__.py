@@ -111,10 +111,10 @@ class TensorLayout:
     def whole(self) -> bool:
         """Exactly one whole, unsharded layer: no collective, the tensor is its own piece.
 
-        Not a stacked parameter holding a single expert (``whole_rows`` is False there): its rows are not
-        the tensor's dim-0 rows, so it must not be centred as a whole.
+        Whatever its rows are: a matrix stored ``(in, out)`` or a stacked parameter holding a single expert
+        is whole too (``whole_rows`` False: Gradient Centralization reads ``whole_rows``, never this).
         """
-        return self.process_group is None and not self.dtensor and len(self.segments) == 1 and self.whole_rows
+        return self.process_group is None and not self.dtensor and len(self.segments) == 1
 
     @staticmethod
     def of_layer(layer: int, tensor: Tensor) -> "TensorLayout":
