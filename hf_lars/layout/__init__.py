@@ -98,7 +98,7 @@ class TensorLayout:
         whole_rows: the tensor's own rows (slices along its dim 0) are whole rows of its layers, so row-wise
             operations such as Gradient Centralization can run on the tensor as a whole.  False for ZeRO flat
             partitions, for tensors that stack layers and for layers stored ``(in, out)``
-            (``layout.stacked``): those are centred per segment.
+            (``layout.stacked.split_stacked``): those are centred per segment.
         dtensor: the stepped tensor is a DTensor whose ``to_local()`` shard is the piece (FSDP2).
     """
 
@@ -111,10 +111,13 @@ class TensorLayout:
     def whole(self) -> bool:
         """Exactly one whole, unsharded layer: no collective, the tensor is its own piece.
 
-        Whatever its rows are: a matrix stored ``(in, out)`` or a stacked parameter holding a single expert
-        is whole too (``whole_rows`` False: Gradient Centralization reads ``whole_rows``, never this).
+        One piece, at the start of its layer, with no process group (so every element of the layer is local:
+        a layer cut across tensors has a piece further in, in a tensor that is not whole).  Whatever its rows
+        are: a matrix stored ``(in, out)`` or a stacked parameter holding one expert is whole too
+        (``whole_rows`` False: Gradient Centralization reads ``whole_rows``, never this).
         """
-        return self.process_group is None and not self.dtensor and len(self.segments) == 1
+        one = len(self.segments) == 1 and self.segments[0].layer_offset == 0
+        return self.process_group is None and not self.dtensor and one
 
     @staticmethod
     def of_layer(layer: int, tensor: Tensor) -> "TensorLayout":

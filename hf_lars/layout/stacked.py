@@ -1,7 +1,7 @@
 """Layer declarations: tensors that stack several layers (MoE experts) and layers stored ``(in, out)``.
 
-Part of the layout contract (:mod:`hf_lars.layout`; docs/design.md, "Mixture-of-experts: stacked layers"
-and "Layers stored (in, out)").
+Part of the layout contract (:mod:`hf_lars.layout`; docs/design.md, "Mixture-of-experts: stacked layers",
+which also covers layers stored ``(in, out)``).
 A param group with ``stacked_dim=0`` says that each of its tensors of shape ``[n, *rest]`` is ``n`` layers of
 shape ``rest`` (``n`` experts, each a matrix): every expert gets its own trust ratio, exclusion decision and
 Gradient Centralization.  The engines' layouts (``hf_lars.sharding``) still describe pieces of whole
