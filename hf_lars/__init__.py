@@ -12,6 +12,7 @@ from hf_lars.registry import (  # noqa: E402
     build_param_groups,
     create_optimizer,
     declare_stacked,
+    declare_transposed,
     get_optimizer_info,
     list_optimizers,
 )
@@ -58,5 +59,6 @@ __all__ = [
     "get_optimizer_info",
     "build_param_groups",
     "declare_stacked",
+    "declare_transposed",
     *_LAZY,
 ]

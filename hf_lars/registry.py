@@ -23,7 +23,8 @@ __all__ = [
     "create_optimizer",
     "build_param_groups",
     "declare_stacked",
-    "STACKED_ATTRIBUTE",
+    "declare_transposed",
+    "LAYER_KEYS_ATTRIBUTE",
 ]
 
 
@@ -96,8 +97,9 @@ def _default_decay_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if n in decay and id(p) not in norm_ids]
 
 
-#: The attribute :func:`declare_stacked` sets on a parameter: the param-group keys it stands for.
-STACKED_ATTRIBUTE = "hf_lars_stacked"
+#: The attribute :func:`declare_stacked` and :func:`declare_transposed` set on a parameter: the param-group
+#: keys it stands for.
+LAYER_KEYS_ATTRIBUTE = "hf_lars_layer_keys"
 
 
 def declare_stacked(param: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
@@ -117,17 +119,41 @@ def declare_stacked(param: torch.Tensor, *, transposed: bool = False) -> torch.T
     from hf_lars.sharding import layer_shape
 
     check_stacked(layer_shape(param), 0, transposed, what="the declared parameter")
-    setattr(param, STACKED_ATTRIBUTE, {"stacked_dim": 0, "stacked_transposed": transposed})
+    setattr(param, LAYER_KEYS_ATTRIBUTE, {"stacked_dim": 0, "transposed": transposed})
     return param
 
 
-def _stacked_keys(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{parameter name: stacked group keys}``: declared parameters, then transformers' known experts."""
-    from hf_lars.integrations.transformers.stacked import stacked_parameters
+def declare_transposed(param: torch.Tensor) -> torch.Tensor:
+    """Declare that the matrix ``param`` is stored ``(in, out)``: your module computes ``x @ param``.
 
-    out = {n: {"stacked_dim": 0, "stacked_transposed": t} for n, t in stacked_parameters(model).items()}
+    The sibling of :func:`declare_stacked` for an ordinary layer: :func:`build_param_groups` puts it in a
+    group with ``transposed=True``, so Gradient Centralization centres each output *column* over the inputs
+    (the same rule as an ``nn.Linear`` weight's rows; docs/design.md, "Mixture-of-experts: stacked layers").
+    Trust ratios do not depend on it.  transformers' ``Conv1D`` (GPT-2) is found without this.  Declare on
+    the parameters the optimizer is built from (after ``fully_shard``).  Returns ``param``.
+
+    Raises:
+        ValueError: ``param`` has fewer than two dimensions (a vector has no orientation).
+    """
+    from hf_lars.sharding import layer_shape
+
+    shape = tuple(layer_shape(param))
+    if len(shape) < 2:
+        raise ValueError(
+            f"declare_transposed: the parameter of shape {shape} is not a matrix; only a layer with two or more "
+            "dimensions is stored (in, out) or (out, in).  Leave vectors (biases, norm scales) undeclared."
+        )
+    setattr(param, LAYER_KEYS_ATTRIBUTE, {"transposed": True})
+    return param
+
+
+def _layer_keys(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{parameter name: layer group keys}``: transformers' known modules, overridden by declared parameters."""
+    from hf_lars.integrations.transformers.layers import layer_keys
+
+    out = layer_keys(model)
     for n, p in model.named_parameters():
-        declared = getattr(p, STACKED_ATTRIBUTE, None)
+        declared = getattr(p, LAYER_KEYS_ATTRIBUTE, None)
         if declared is not None:
             out[n] = dict(declared)
     return out
@@ -150,9 +176,10 @@ def build_param_groups(
     ``adapt_excluded`` (LARS yes, AdamLARS/RangerLARS no; docs/design.md, "Exclusion: two decisions").  Extra
     keyword arguments go into both groups.  Frozen parameters are skipped and empty groups dropped.
 
-    Parameters that stack layers along dim 0 (the experts of transformers' MoE models, found by
-    :func:`hf_lars.integrations.transformers.stacked.stacked_parameters`, and any :func:`declare_stacked`)
-    go into groups of their own beside each of the two, with ``stacked_dim=0`` and ``stacked_transposed``
+    Parameters that stack layers along dim 0 (the experts of transformers' MoE models and any
+    :func:`declare_stacked`) or are stored ``(in, out)`` (transformers' ``Conv1D`` weights, GPT-2, and any
+    :func:`declare_transposed`), found by :func:`hf_lars.integrations.transformers.layers.layer_keys`, go
+    into groups of their own beside each of the two, with ``stacked_dim=0`` and/or ``transposed=True``
     (docs/design.md, "Mixture-of-experts: stacked layers"); a model without them gets the two groups only.
 
     Args:
@@ -164,20 +191,16 @@ def build_param_groups(
     if decay_parameter_names is None:
         decay_parameter_names = _default_decay_parameter_names(model)
     decay_names = set(decay_parameter_names)
-    stacked = _stacked_keys(model)
+    declared = _layer_keys(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     splits = [(True, {"weight_decay": weight_decay}), (False, {"weight_decay": 0.0, "excluded": True})]
-    kinds = [None, False, True]  # ordinary, stacked (out, in), stacked (in, out)
+    # ordinary (out, in), ordinary (in, out), stacked (out, in), stacked (in, out): the keys each group gets
+    kinds = [{}, {"transposed": True}, {"stacked_dim": 0, "transposed": False}, {"stacked_dim": 0, "transposed": True}]
     groups = []
     for decays, keys in splits:
         for kind in kinds:
-            params = [
-                (n, p)
-                for n, p in named
-                if (n in decay_names) == decays and (stacked[n]["stacked_transposed"] if n in stacked else None) is kind
-            ]
-            declaration = {} if kind is None else {"stacked_dim": 0, "stacked_transposed": kind}
-            groups.append({"params": params, **keys, **declaration, **group_kwargs})
+            params = [(n, p) for n, p in named if (n in decay_names) == decays and declared.get(n, {}) == kind]
+            groups.append({"params": params, **keys, **kind, **group_kwargs})
     return [g for g in groups if g["params"]]
 
 

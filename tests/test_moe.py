@@ -80,7 +80,7 @@ def test_stacked_experts_equal_separate_tensors(name: str, transposed: bool, imp
     opt = cls(
         [
             {"params": [("experts.w", weight), ("experts.b", stacked_bias)], "stacked_dim": 0,
-             "stacked_transposed": transposed},
+             "transposed": transposed},
             {"params": [("router.weight", plain)]},
         ],
         foreach=impl == "foreach",
@@ -116,7 +116,7 @@ def test_fused_stacked_experts_equal_eager(name: str, transposed: bool) -> None:
     w, _, grads = _weights_and_grads()
     params = [nn.Parameter(w.clone()) for _ in range(2)]
     opts = [
-        cls([{"params": [p], "stacked_dim": 0, "stacked_transposed": transposed}], **flags, **_constructor_kwargs(cls, hp))
+        cls([{"params": [p], "stacked_dim": 0, "transposed": transposed}], **flags, **_constructor_kwargs(cls, hp))
         for p, flags in zip(params, [{"foreach": False}, {"fused": True}])
     ]
     for gw in grads:
@@ -193,8 +193,8 @@ def test_column_centring_completes_cut_experts() -> None:
         ({"params": [torch.zeros(3, 2, 2)], "stacked_dim": 1}, r"only the leading dimension \(0\) can stack"),
         ({"params": [torch.zeros(3, 2, 2)], "stacked_dim": True}, r"Invalid stacked_dim value: True"),
         ({"params": [torch.zeros(3, 2, 2)], "stacked_dim": "0"}, r"Invalid stacked_dim value: '0'"),
-        ({"params": [torch.zeros(3, 2, 2)], "stacked_transposed": True}, r"stacked_transposed=True needs stacked_dim=0"),
-        ({"params": [torch.zeros(3, 2, 2)], "stacked_dim": 0, "stacked_transposed": 1}, r"Invalid stacked_transposed"),
+        ({"params": [torch.zeros(3, 2, 2)], "stacked_dim": 0, "transposed": 1}, r"Invalid transposed value: 1"),
+        ({"params": [torch.zeros(3, 2)], "transposed": "yes"}, r"Invalid transposed value: 'yes'"),
     ],
 )
 @pytest.mark.parametrize("cls", [LARS, AdamLARS, RangerLARS])
@@ -244,7 +244,7 @@ def _group_summary(groups: list[dict]) -> list[tuple]:
     out = []
     for g in groups:
         names = [n for n, _ in g["params"]] if isinstance(g["params"][0], tuple) else g.get("param_names")
-        out.append((tuple(names), g.get("stacked_dim"), g.get("stacked_transposed"), g.get("excluded", False)))
+        out.append((tuple(names), g.get("stacked_dim"), g.get("transposed"), g.get("excluded", False)))
     return out
 
 
@@ -277,10 +277,10 @@ def test_every_front_door_gives_the_same_steps() -> None:
             [
                 {"params": [("router.weight", model.router.weight)]},
                 {"params": [("w_in", model.w_in)], "stacked_dim": 0},
-                {"params": [("w_out", model.w_out)], "stacked_dim": 0, "stacked_transposed": True},
+                {"params": [("w_out", model.w_out)], "stacked_dim": 0, "transposed": True},
                 {"params": [("router.bias", model.router.bias)], "weight_decay": 0.0, "excluded": True},
                 {"params": [("bias", model.bias)], "weight_decay": 0.0, "excluded": True, "stacked_dim": 0,
-                 "stacked_transposed": True},
+                 "transposed": True},
             ],
             lr=1e-2, weight_decay=0.01, k=2,
         )
@@ -361,7 +361,7 @@ MOE_FAMILIES = {
 
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
 def test_transformers_moe_experts_are_found(family: str) -> None:
-    from hf_lars.integrations.transformers.stacked import stacked_parameters
+    from hf_lars.integrations.transformers.layers import stacked_parameters
 
     model = _tiny(family)
     path, expected = MOE_FAMILIES[family]
@@ -410,3 +410,4 @@ def test_trainer_adam_lars_finds_mixtral_experts(tmp_path) -> None:
 
 def test_public_surface() -> None:
     assert hf_lars.registry.declare_stacked is declare_stacked
+    assert hf_lars.declare_transposed is hf_lars.registry.declare_transposed

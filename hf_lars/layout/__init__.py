@@ -97,7 +97,8 @@ class TensorLayout:
         process_group: the group to all-reduce partial sums over (``None``: the tensor holds whole layers).
         whole_rows: the tensor's own rows (slices along its dim 0) are whole rows of its layers, so row-wise
             operations such as Gradient Centralization can run on the tensor as a whole.  False for ZeRO flat
-            partitions and for tensors that stack layers (``layout.stacked``): those are centred per segment.
+            partitions, for tensors that stack layers and for layers stored ``(in, out)``
+            (``layout.stacked.split_stacked``): those are centred per segment.
         dtensor: the stepped tensor is a DTensor whose ``to_local()`` shard is the piece (FSDP2).
     """
 
@@ -110,10 +111,13 @@ class TensorLayout:
     def whole(self) -> bool:
         """Exactly one whole, unsharded layer: no collective, the tensor is its own piece.
 
-        Not a stacked parameter holding a single expert (``whole_rows`` is False there): its rows are not
-        the tensor's dim-0 rows, so it must not be centred as a whole.
+        One piece, at the start of its layer, with no process group (so every element of the layer is local:
+        a layer cut across tensors has a piece further in, in a tensor that is not whole).  Whatever its rows
+        are: a matrix stored ``(in, out)`` or a stacked parameter holding one expert is whole too
+        (``whole_rows`` False: Gradient Centralization reads ``whole_rows``, never this).
         """
-        return self.process_group is None and not self.dtensor and len(self.segments) == 1 and self.whole_rows
+        one = len(self.segments) == 1 and self.segments[0].layer_offset == 0
+        return self.process_group is None and not self.dtensor and one
 
     @staticmethod
     def of_layer(layer: int, tensor: Tensor) -> "TensorLayout":
@@ -136,6 +140,7 @@ class StepLayout:
         device: torch.device | None = None,
         layer_shapes: Sequence[torch.Size] | None = None,
         layer_transposed: Sequence[bool] | None = None,
+        layer_names: Sequence[str] | None = None,
     ) -> None:
         self.layouts = list(layouts)
         self.num_layers = num_layers
@@ -146,11 +151,13 @@ class StepLayout:
         self._piece_views: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor]]] = {}
         # Full shapes of the layers (row lengths for RowCentring); None: only the norms are needed.
         self.layer_shapes = None if layer_shapes is None else [torch.Size(s) for s in layer_shapes]
-        # Per layer: stored (in, out), its output dimension last (stacked experts used as x @ W); Gradient
+        # Per layer: stored (in, out), its output dimension last (Conv1D, experts used as x @ W); Gradient
         # Centralization then centres its columns.  None: every layer is stored (out, in) like nn.Linear.
         self.layer_transposed = (
             [False] * num_layers if layer_transposed is None else [bool(t) for t in layer_transposed]
         )
+        # Per layer: its name (``name[e]`` for an expert), for error messages; None: named by index.
+        self.layer_names = None if layer_names is None else list(layer_names)
         self._row_centring: Any = None  # hf_lars.layout.row_centring.RowCentring, built on first use
         self.trivial = all(lay.whole for lay in self.layouts)
         groups = {id(lay.process_group): lay.process_group for lay in self.layouts if lay.process_group is not None}

@@ -91,13 +91,42 @@ def _cut_rows(segments: Sequence[tuple[int, int, int]], row_length: Sequence[int
     return sorted(cut)
 
 
+def _check_partition(segments: Sequence[tuple[int, int, int]], layout: StepLayout) -> None:
+    """Raise ``ValueError`` if the pieces ``(layer, layer_offset, numel)`` of some layer overlap.
+
+    Pieces of a flat partition (ZeRO) or of ``Shard(0)`` (whole rows of the flattened layer) never overlap.
+    A DTensor sharded on another dimension (FSDP2 with a ``shard_placement_fn`` giving ``Shard(1)``) holds a
+    strided block on each rank, which its layout describes as a run at offset 0 on every rank: its rows (or
+    columns) lie across ranks in a way pieces cannot describe, so Gradient Centralization refuses it here.
+    """
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for layer, offset, numel in segments:
+        if numel:
+            spans.setdefault(layer, []).append((offset, offset + numel))
+    for layer, runs in spans.items():
+        runs.sort()
+        if all(a[1] <= b[0] for a, b in zip(runs, runs[1:])):
+            continue
+        names = layout.layer_names
+        name = repr(names[layer]) if names is not None else f"{layer} of the param group"
+        shape = tuple(layout.layer_shapes[layer]) if layout.layer_shapes is not None else "?"
+        raise ValueError(
+            f"hf_lars: Gradient Centralization cannot centre layer {name} of shape {shape}: its ranks' local "
+            "pieces overlap, so it is a DTensor sharded on a dimension other than 0 (a placement Shard(d) with "
+            "d > 0, e.g. from fully_shard(..., shard_placement_fn=...)), and its rows are split across ranks "
+            "in a way the step cannot complete.  Shard it on dim 0 (return Shard(0) or None from "
+            "shard_placement_fn for it), or turn GC off for its param group (use_gc=False)."
+        )
+
+
 class RowCentring:
     """Gradient Centralization on the pieces of a :class:`StepLayout`: each row of every layer with
     ``ndim > 1`` (an index along dim 0) minus its mean, without reassembling layers.
 
-    A layer stored ``(in, out)`` (``StepLayout.layer_transposed``: stacked experts used as ``x @ W``) is
-    centred by its output *columns* instead: a piece that is the whole layer locally; a layer some rank holds
-    only part of by its column sums (``columns`` floats, in the same all-reduce as the cut rows).
+    A layer stored ``(in, out)`` (``StepLayout.layer_transposed``: transformers' ``Conv1D``, experts used as
+    ``x @ W``) is centred by its output *columns* instead: a piece that is the whole layer locally; a layer
+    some rank holds only part of (a ZeRO cut, FSDP2's ``Shard(0)`` of its input rows) by its column sums
+    (``columns`` floats, in the same all-reduce as the cut rows).
 
     Tensors whose pieces hold whole rows (unsharded, DDP, FSDP2 ``Shard(0)``) are centred locally.  In a
     ZeRO flat partition, rows wholly inside a piece are centred locally too (one reshape per piece); a row
@@ -106,6 +135,8 @@ class RowCentring:
     between two pieces of one rank needs no collective).  The numbering
     of the cut rows depends only on the layout: it is agreed once, when the plan is built, by gathering
     every rank's ``(layer, layer_offset, numel)`` segments (``all_gather_object``, once per layout).
+    Pieces of one layer that overlap across ranks (a DTensor sharded on a dimension other than 0) are
+    refused there, naming the layer.
 
     Attributes:
         num_cut_rows: rows cut by a partition boundary anywhere in the process group.
@@ -145,6 +176,7 @@ class RowCentring:
             everyone = [s for rank_segments in gathered for s in rank_segments]
         else:
             everyone = mine
+        _check_partition(everyone, layout)
         slots = {row: i for i, row in enumerate(_cut_rows(everyone, self.row_length))}
         self.num_cut_rows = len(slots)
         # A layer stored (in, out) that some rank holds only part of: its column sums take `columns` slots.

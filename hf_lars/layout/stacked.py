@@ -1,6 +1,7 @@
-"""Stacked parameters: one tensor that holds several layers along its leading dimension (MoE experts).
+"""Layer declarations: tensors that stack several layers (MoE experts) and layers stored ``(in, out)``.
 
-Part of the layout contract (:mod:`hf_lars.layout`; docs/design.md, "Mixture-of-experts: stacked layers").
+Part of the layout contract (:mod:`hf_lars.layout`; docs/design.md, "Mixture-of-experts: stacked layers",
+which also covers layers stored ``(in, out)``).
 A param group with ``stacked_dim=0`` says that each of its tensors of shape ``[n, *rest]`` is ``n`` layers of
 shape ``rest`` (``n`` experts, each a matrix): every expert gets its own trust ratio, exclusion decision and
 Gradient Centralization.  The engines' layouts (``hf_lars.sharding``) still describe pieces of whole
@@ -8,9 +9,12 @@ parameters; :func:`split_stacked` cuts each piece at the expert boundaries, whic
 ``Segment.layer_offset`` (layer ``j``'s expert ``e`` is elements ``[e * size, (e + 1) * size)`` of the
 flattened parameter).  So one rule serves every engine, and the update rules see nothing but more layers.
 
-``stacked_transposed=True`` says each expert is stored ``(in, out)`` (used as ``x @ W``, e.g. gpt-oss and
-Llama 4) rather than ``(out, in)`` like ``nn.Linear``: Gradient Centralization then centres each expert's
-output *columns* (:class:`hf_lars.layout.row_centring.RowCentring`).  Trust ratios do not depend on it.
+``transposed=True`` says each layer of the group is stored ``(in, out)`` (used as ``x @ W``): a plain
+matrix (transformers' ``Conv1D``, GPT-2) or, with ``stacked_dim=0``, each expert (gpt-oss, Llama 4),
+rather than ``(out, in)`` like ``nn.Linear``.  Gradient Centralization then centres each layer's output
+*columns* (:class:`hf_lars.layout.row_centring.RowCentring`); trust ratios do not depend on it.  A tensor
+holding such a layer is not centred as a whole (its dim-0 rows are inputs), so :func:`split_stacked` gives
+it ``whole_rows=False`` and GC goes through its segments.
 
 Imports only torch and the contract.
 """
@@ -25,22 +29,17 @@ import torch
 
 from hf_lars.layout import Segment, TensorLayout
 
-__all__ = ["STACKED_KEYS", "StackedLayers", "check_stacked", "check_stacked_keys", "stacked_layers", "split_stacked"]
+__all__ = ["LAYER_KEYS", "StackedLayers", "check_stacked", "check_stacked_keys", "stacked_layers", "split_stacked"]
 
-# The param-group keys of a stacked declaration (accepted by every hf_lars optimizer).
-STACKED_KEYS = ("stacked_dim", "stacked_transposed")
+# The param-group keys that declare what a group's layers are (accepted by every hf_lars optimizer).
+LAYER_KEYS = ("stacked_dim", "transposed")
 
 
 def check_stacked_keys(stacked_dim: Any, transposed: Any = False) -> None:
     """Raise ``ValueError`` unless the declaration's values have the right types (shapes aside)."""
     if not isinstance(transposed, bool):
-        raise ValueError(f"Invalid stacked_transposed value: {transposed!r} (allowed: True or False)")
+        raise ValueError(f"Invalid transposed value: {transposed!r} (allowed: True or False)")
     if stacked_dim is None:
-        if transposed:
-            raise ValueError(
-                "stacked_transposed=True needs stacked_dim=0: it says how each stacked layer is stored, so it only "
-                "applies to a group whose tensors stack layers."
-            )
         return
     if not isinstance(stacked_dim, int) or isinstance(stacked_dim, bool):
         raise ValueError(f"Invalid stacked_dim value: {stacked_dim!r} (allowed: None or 0, the leading dimension)")
@@ -50,7 +49,8 @@ def check_stacked(shape: Sequence[int], stacked_dim: Any, transposed: Any = Fals
     """Raise ``ValueError`` unless ``stacked_dim`` is a valid stacked declaration for a tensor of ``shape``.
 
     ``stacked_dim`` must be ``None`` (not stacked) or the leading dimension ``0`` (or ``-ndim``) of a tensor
-    with at least two dimensions; ``transposed`` a bool, and True only with a stacked dimension.
+    with at least two dimensions; ``transposed`` a bool (any shape: it only matters to layers with
+    ``ndim > 1``).
     """
     check_stacked_keys(stacked_dim, transposed)
     if stacked_dim is None:
@@ -84,7 +84,8 @@ class StackedLayers:
         shapes: the full shape of every layer (an expert's shape for a stacked parameter).
         param: for every layer, the index of the parameter (in the group's original order) holding it.
         expert: for every layer, its index along the stacked dimension, ``None`` for an ordinary parameter.
-        transposed: for every layer, whether it is stored ``(in, out)`` (GC centres its columns).
+        transposed: for every layer, whether it is stored ``(in, out)`` (GC centres its columns; the group's
+            ``transposed`` key, for ordinary and stacked parameters alike).
         first: for every parameter, the index of its first layer.
         counts: for every parameter, how many layers it stacks, ``None`` for an ordinary parameter.
     """
@@ -111,7 +112,7 @@ class StackedLayers:
 def stacked_layers(
     shapes: Sequence[Sequence[int]], stacked_dim: int | None, transposed: bool = False, *, names: Sequence[str] = ()
 ) -> StackedLayers:
-    """The layers of a group whose parameters have full shapes ``shapes`` and declaration ``stacked_dim``.
+    """The layers of a group whose parameters have full shapes ``shapes`` and keys ``stacked_dim``, ``transposed``.
 
     Raises:
         ValueError: the declaration does not fit a parameter (:func:`check_stacked`), naming it.
@@ -135,26 +136,29 @@ def stacked_layers(
             out_shapes.append(torch.Size(shape[1:]))
             param.append(j)
             expert.append(e)
-    flags = (stacked_dim is not None and transposed,) * len(out_shapes)
+    flags = (transposed,) * len(out_shapes)
     return StackedLayers(tuple(out_shapes), tuple(param), tuple(expert), flags, tuple(first), tuple(counts))
 
 
 def split_stacked(
     layouts: Sequence[TensorLayout], full_shapes: Sequence[Sequence[int]], layers: StackedLayers
 ) -> list[TensorLayout]:
-    """The layouts of the stepped tensors with every piece of a stacked parameter cut at expert boundaries.
+    """The layouts of the stepped tensors in terms of ``layers``: stacked parameters cut at expert boundaries,
+    tensors holding a layer stored ``(in, out)`` no longer centred as a whole.
 
     ``layouts`` come from the engines (``Segment.layer`` indexes the group's parameters, ``layer_offset`` is
     where the piece starts in the flattened parameter); the result's ``Segment.layer`` indexes
-    ``layers`` (experts), with ``layer_offset`` inside the expert.  A tensor holding a stacked parameter is
-    no longer centred as a whole (its dim-0 rows are experts, not rows of a layer): ``whole_rows`` is False,
-    so Gradient Centralization goes through its segments.
+    ``layers`` (experts), with ``layer_offset`` inside the expert.  A tensor holding a stacked parameter, or
+    a matrix stored ``(in, out)``, has ``whole_rows`` False (its dim-0 rows are experts or inputs, not output
+    rows of a layer), so Gradient Centralization goes through its segments.  A group with neither gets its
+    layouts back unchanged.
 
     Raises:
         ValueError: a stacked parameter is a DTensor sharded on a dimension other than 0, whose local shard
             is not a contiguous run of the parameter (FSDP2 shards dim 0 unless told otherwise).
     """
-    if not layers.stacked:
+    columns = [t and len(s) > 1 for s, t in zip(layers.shapes, layers.transposed)]  # layers GC centres by columns
+    if not layers.stacked and not any(columns):
         return list(layouts)
     out = []
     for lay in layouts:
@@ -177,7 +181,6 @@ def split_stacked(
                 lo, hi = max(begin, e * size), min(end, (e + 1) * size)
                 segments.append(Segment(layers.first[j] + e, seg.start + lo - begin, hi - lo, lo - e * size))
                 e += 1
-        stacked_here = any(layers.counts[s.layer] is not None for s in lay.segments)
-        whole_rows = lay.whole_rows and not stacked_here
-        out.append(TensorLayout(tuple(segments), lay.process_group, whole_rows, lay.dtensor))
+        by_rows = not any(layers.counts[s.layer] is not None or columns[layers.first[s.layer]] for s in lay.segments)
+        out.append(TensorLayout(tuple(segments), lay.process_group, lay.whole_rows and by_rows, lay.dtensor))
     return out

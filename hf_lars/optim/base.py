@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
 from hf_lars.layout.stacked import (
-    STACKED_KEYS,
+    LAYER_KEYS,
     StackedLayers,
     check_stacked,
     check_stacked_keys,
@@ -44,9 +44,10 @@ __all__ = [
     "default_foreach",
 ]
 
-# Group keys every optimizer accepts besides its hyper-parameters; a group's tensors may stack layers along
-# dim 0 (``stacked_dim``, ``stacked_transposed``: docs/design.md, "Mixture-of-experts: stacked layers").
-_STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr", *STACKED_KEYS})
+# Group keys every optimizer accepts besides its hyper-parameters: a group's tensors may stack layers along
+# dim 0 or hold layers stored (in, out) (``stacked_dim``, ``transposed``: docs/design.md, "Mixture-of-experts:
+# stacked layers").
+_STRUCTURAL_KEYS = frozenset({"params", "param_names", "initial_lr", *LAYER_KEYS})
 # Boolean hyper-parameters (whichever an optimizer has): a non-bool is rejected, since ``'no'`` or ``0``
 # would otherwise silently mean True or False.  ``foreach`` and ``fused`` also accept None (auto).
 _BOOL_KEYS = ("nesterov", "trust_clip", "use_gc", "bias_correction", "degenerated_to_sgd", "adapt_excluded",
@@ -177,7 +178,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         for key in _OPTIONAL_BOOL_KEYS:
             if key in group:
                 check_bool(key, group[key], optional=True)
-        check_stacked_keys(group.get("stacked_dim"), group.get("stacked_transposed", False))
+        check_stacked_keys(group.get("stacked_dim"), group.get("transposed", False))
         check_fused(group)
         for key in _NON_NEGATIVE_KEYS:
             check_range(key, group[key], 0.0)
@@ -188,7 +189,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             raise ValueError(_REMOVED_ADAPT)
         unknown = sorted(set(group) - set(self.defaults) - _STRUCTURAL_KEYS)
         if unknown:
-            valid = ", ".join(sorted(set(self.defaults) - {"foreach"}) + ["foreach", *STACKED_KEYS])
+            valid = ", ".join(sorted(set(self.defaults) - {"foreach"}) + ["foreach", *LAYER_KEYS])
             raise ValueError(
                 f"Unknown param group key(s) for {type(self).__name__}: {', '.join(unknown)}. Valid keys: {valid}"
             )
@@ -210,7 +211,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
                 continue
             what = f"parameter {names[i]!r}" if i < len(names) else f"parameter {i} of the group"
             try:
-                check_stacked(p.shape, group.get("stacked_dim"), group.get("stacked_transposed", False), what=what)
+                check_stacked(p.shape, group.get("stacked_dim"), group.get("transposed", False), what=what)
             except ValueError:
                 del self.param_groups[count:]
                 raise
@@ -287,15 +288,15 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         # A group whose tensors stack layers (MoE experts): one layer per expert, the pieces cut at experts.
         names = group.get("param_names") or []
         stacked = stacked_layers(
-            shapes, group.get("stacked_dim"), group.get("stacked_transposed", False), names=names
+            shapes, group.get("stacked_dim"), group.get("transposed", False), names=names
         )
+        layouts = split_stacked(layouts, shapes, stacked)  # also marks tensors of layers stored (in, out)
         if stacked.stacked:
-            layouts = split_stacked(layouts, shapes, stacked)
             self._stacked[group_index] = stacked
         shapes = list(stacked.shapes)
         layout = StepLayout(
             layouts, num_layers=len(shapes), device=stepped[0].device, layer_shapes=shapes,
-            layer_transposed=stacked.transposed,
+            layer_transposed=stacked.transposed, layer_names=self._layer_names(group, group_index),
         )  # device: a DTensor's is its shard's
         roles = [self._layer_roles(group, shape) for shape in shapes]
         plan = StepPlan.of(layout, [roles[layer][0] for layer in layout.piece_layer],

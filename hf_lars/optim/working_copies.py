@@ -175,7 +175,8 @@ def chunk_plans(plan: StepPlan, numels: Sequence[int]) -> list[tuple[slice, Step
         else:
             chunks = [
                 (span, StepPlan(StepLayout(layout.layouts[span], layout.num_layers, device=layout.device,
-                                           layer_shapes=layout.layer_shapes), plan.adapt[span], plan.decay[span]))
+                                           layer_shapes=layout.layer_shapes, layer_transposed=layout.layer_transposed,
+                                           layer_names=layout.layer_names), plan.adapt[span], plan.decay[span]))
                 for span in bounds
             ]
         per_layout[key] = chunks

@@ -1,8 +1,13 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) and other DTensor parameters.
 
 The optimizer steps DTensors; the local shard (``to_local()``) is one piece of its layer.  ``Shard(0)``
-(what FSDP2 uses) holds whole rows, so row-wise operations such as Gradient Centralization can run on it
-locally; partial norms are all-reduced over the sharded mesh dimension's process group.
+(what FSDP2 uses) holds whole rows, a contiguous run of the flattened layer at a known offset, so row-wise
+operations such as Gradient Centralization can run on it locally (a layer stored ``(in, out)`` completes
+its column sums over the group); partial norms are all-reduced over the sharded mesh dimension's process
+group.  A shard of another dimension (``Shard(1)`` from a ``shard_placement_fn``) is a strided block: its
+layout (one run at offset 0, ``whole_rows=False``) is right for the norms, which only sum squares, and
+Gradient Centralization refuses it by name (``RowCentring``; docs/design.md, "Mixture-of-experts: stacked
+layers").
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def _dim0_offset(t: Tensor, coordinate: int, shards: int) -> int:
 
     ``Shard(0)`` cuts dim 0 as ``torch.chunk`` does (FSDP2's rule): ``ceil(n / shards)`` rows per rank, the
     last ranks holding fewer or none; so rank ``r`` begins at row ``min(r * ceil(n / shards), n)``.  A stacked
-    parameter needs it (``layout.split_stacked`` cuts the shard at experts); checked against the local shape.
+    parameter needs it (``layout.split_stacked`` cuts the shard at experts), and so does a layer stored
+    ``(in, out)`` (GC completes its columns across ranks); checked against the local shape.
 
     Raises:
         ValueError: the local shard does not have the rows that rule gives (a sharding hf_lars does not know).
@@ -72,6 +78,6 @@ def _dim0_offset(t: Tensor, coordinate: int, shards: int) -> int:
         raise ValueError(
             f"hf_lars: a Shard(0) DTensor of shape {tuple(t.shape)} holds {local_rows} rows on mesh coordinate "
             f"{coordinate} of {shards}; torch.chunk's rule (FSDP2's) gives {expected}.  This sharding is not "
-            "supported for per-layer norms of stacked parameters."
+            "supported for stacked parameters or for Gradient Centralization of layers stored (in, out)."
         )
     return first * math.prod(t.shape[1:])
