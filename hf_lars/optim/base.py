@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_lars.layout import NORMS_PER_LAYER, StepLayout, is_dtensor, resolve_layouts
+from hf_lars.layout import NORMS_PER_LAYER, StepLayout, resolve_layouts
 from hf_lars.layout.stacked import (
     LAYER_KEYS,
     StackedLayers,
@@ -33,7 +33,7 @@ from hf_lars.layout.stacked import (
 from hf_lars.optim.fused import check_fused
 from hf_lars.optim.moments import HostStepCounts
 from hf_lars.optim.trust import Ratios, StepPlan
-from hf_lars.optim.working_copies import unscaled_gradients
+from hf_lars.optim.working_copies import restore_if_skipped, save_for_skip, unscaled_gradients
 
 __all__ = [
     "HyperParameters",
@@ -469,11 +469,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
                 continue
             foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
             self._init_state(group, stepped)
-            saved = _save_for_skip(stepped, self.state, layout) if found_inf is not None else None
+            saved = save_for_skip(stepped, self.state) if found_inf is not None else None
             with unscaled_gradients(grad_scale):
                 ratios = self._step_group(group, stepped, plan, foreach)
             if saved is not None:
-                _restore_if(found_inf, saved)
+                restore_if_skipped(found_inf, saved)
             if ratios is not None:
                 self._record_ratios(group, group_index, *ratios)
         return loss
@@ -493,30 +493,3 @@ def _refuse_graph_capture(name: str) -> None:
             "ignored on replay.  Fix: capture only the forward and backward passes (e.g. torch.cuda.graphs."
             "make_graphed_callables(model, ...)) and call optimizer.step() outside the graph."
         )
-
-
-def _save_for_skip(
-    stepped: Sequence[Tensor], state: dict[Tensor, dict[str, Any]], layout: StepLayout
-) -> list[tuple[Tensor, Tensor]]:
-    """Copies of the local data of every stepped tensor and of its existing state, to undo a skipped step.
-
-    GradScaler's skip must happen without reading ``found_inf`` on the host, so the step runs and is then
-    undone on the device.  Costs one transient copy of the group's parameters and state (what torch's
-    fused kernels avoid by testing the flag inside the kernel).  State exists already (:meth:`_init_state`).
-    """
-    saved = []
-    for p in stepped:
-        tensors = [p] + [v for v in state.get(p, {}).values() if isinstance(v, Tensor)]
-        for t in [x.to_local() if is_dtensor(x) else x for x in tensors]:
-            saved.append((t, t.clone()))
-    return saved
-
-
-def _restore_if(found_inf: Tensor, saved: list[tuple[Tensor, Tensor]]) -> None:
-    """``t = old if found_inf else t`` for every saved pair, on the device (``torch.where``: exact, NaN-safe)."""
-    flags: dict[torch.device, Tensor] = {}
-    for t, old in saved:
-        flag = flags.get(t.device)
-        if flag is None:
-            flag = flags[t.device] = found_inf.to(t.device, non_blocking=True) != 0
-        t.copy_(torch.where(flag, old, t))

@@ -11,14 +11,24 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hf_lars.layout import StepLayout
+from hf_lars.layout import StepLayout, is_dtensor
 from hf_lars.optim.trust import Ratios, StepPlan
 
-__all__ = ["CHUNK_ELEMENTS", "StepTensors", "active_inv_scale", "chunk_plans", "step_in_chunks", "unscaled_gradients"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "StepTensors",
+    "active_inv_scale",
+    "chunk_plans",
+    "restore_if_skipped",
+    "save_for_skip",
+    "step_in_chunks",
+    "unscaled_gradients",
+]
 
 # The inverse loss scale of the step in progress (None: gradients carry no scale); set by the base class's
 # step() from GradScaler's ``grad_scale`` for the duration of one group's update.
@@ -203,3 +213,29 @@ def step_in_chunks(
     if len(results) <= 1:
         return results[0] if results else None
     return [layer for layers, _ in results for layer in layers], torch.cat([r for _, r in results])
+
+
+# ------------------------------------------------------------------ GradScaler's skip, on the device
+def save_for_skip(stepped: Sequence[Tensor], state: dict[Tensor, dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the local data of every stepped tensor and of its existing state, to undo a skipped step.
+
+    GradScaler's skip must happen without reading ``found_inf`` on the host, so the step runs and is then
+    undone on the device.  Costs one transient copy of the group's parameters and state (what torch's
+    fused kernels avoid by testing the flag inside the kernel).  The state must exist already (the base class's ``_init_state``).
+    """
+    saved = []
+    for p in stepped:
+        tensors = [p] + [v for v in state.get(p, {}).values() if isinstance(v, Tensor)]
+        for t in [x.to_local() if is_dtensor(x) else x for x in tensors]:
+            saved.append((t, t.clone()))
+    return saved
+
+
+def restore_if_skipped(found_inf: Tensor, saved: list[tuple[Tensor, Tensor]]) -> None:
+    """``t = old if found_inf else t`` for every saved pair, on the device (``torch.where``: exact, NaN-safe)."""
+    flags: dict[torch.device, Tensor] = {}
+    for t, old in saved:
+        flag = flags.get(t.device)
+        if flag is None:
+            flag = flags[t.device] = found_inf.to(t.device, non_blocking=True) != 0
+        t.copy_(torch.where(flag, old, t))
