@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -21,3 +23,17 @@ def _seed() -> None:
     """Every test starts from the same global RNG state (tests that need randomness should still seed their
     own ``torch.Generator``)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def registered() -> Any:
+    """``hf_lars.register()`` for one test, undone afterwards unless it was registered before (a test module
+    with other needs defines its own ``registered``)."""
+    import hf_lars
+    from hf_lars.integrations import transformers as hft
+
+    was = hft.is_registered()
+    hf_lars.register()
+    yield
+    if not was:
+        hft.unregister()

@@ -19,15 +19,6 @@ import hf_lars
 from hf_lars.integrations import transformers as hft
 
 
-@pytest.fixture
-def registered() -> Any:
-    was = hft.is_registered()
-    hf_lars.register()
-    yield
-    if not was:
-        hft.unregister()
-
-
 def _groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """What a front door decided: names, weight decay, exclusion and adaptation of each group."""
     return [

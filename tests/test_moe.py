@@ -162,7 +162,7 @@ def test_column_centring_completes_cut_experts() -> None:
     flat = g.reshape(-1).clone()
     cuts = [0, 7, 13, 26, 40]  # pieces of 7, 6, 13, 14 elements: rows and both experts cut
     halves = [flat[:13].clone(), flat[13:].clone()]
-    layouts, offset = [], 0
+    layouts = []
     for t_idx, (lo, hi) in enumerate([(0, 13), (13, 40)]):
         segments = []
         for a, b in zip(cuts, cuts[1:]):

@@ -16,8 +16,6 @@ import torch
 from dist.ns_common import GaussianData, GaussianGradModel, training_args
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-import hf_lars
-from hf_lars.integrations import transformers as hft
 from hf_lars.integrations.lr_scaling import check_lr_scaling_flags
 from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback
 from hf_lars.integrations.online_lr import LR_FACTOR_KEY, OnlineLrScalingCallback
@@ -174,15 +172,6 @@ def _inject(monkeypatch: pytest.MonkeyPatch, values: list[float | None]) -> None
         return {} if value is None else {"b_noise": value}
 
     monkeypatch.setattr(GradientNoiseScaleCallback, "training_log_stats", stats)
-
-
-@pytest.fixture
-def registered() -> Any:
-    was = hft.is_registered()
-    hf_lars.register()
-    yield
-    if not was:
-        hft.unregister()
 
 
 @pytest.mark.parametrize("route", ["lars_trainer", "registered"])
