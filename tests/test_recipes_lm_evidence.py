@@ -100,3 +100,38 @@ def test_zero2_matches_single_quick(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert float(by[("adam_lars", "naive")]["max_rel_weight_diff"]) > 1e-4  # per-partition norms differ
     assert _is_png(tmp_path / "zero2_loss.png")
     assert "max abs loss diff" in capsys.readouterr().out
+
+
+def test_lr_robustness_band_and_summary() -> None:
+    """The band is the contiguous LRs around the best within 0.05 nats; a diverged LR is never chosen and
+    ends a band; the grid is 8 LRs spanning 128x around part 2's best."""
+    rob = _load("lm_lr_robustness")
+    lrs = [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert rob._band(lrs, [5.3, 5.04, 5.0, 5.03, 5.2], 2) == (2.0, 8.0, False)
+    assert rob._band(lrs, [5.01, 5.04, 5.0, 5.3, 5.0], 2) == (1.0, 4.0, True)  # reaches the edge; 16 is cut off
+    grid = rob.grid(0.16)
+    assert len(grid) == 8 and grid[-1] / grid[0] == 128 and 0.16 in grid
+    rows = [
+        {"optimizer": "adam_lars", "batch_size": b, "lr": lr, "seed": s, "val_loss": v + 0.01 * s,
+         "test_loss": v + 0.02 + 0.01 * s}
+        for b, lr, v in [(16, 0.04, 4.7), (128, 0.08, 5.2), (128, 0.16, 5.0), (128, 0.32, 5.04), (128, 0.64, math.nan)]
+        for s in range(3)
+    ]
+    (summary,) = rob.summarise(rows)
+    assert (summary["best_lr"], summary["val_band_lo"], summary["val_band_hi"]) == (0.16, 0.16, 0.32)
+    assert summary["val_band_width"] == 2.0 and summary["diverged_lrs"] == 1 and not summary["val_band_at_edge"]
+    assert summary["test_loss_mean"] == pytest.approx(5.03) and summary["small_batch_test_loss"] == pytest.approx(4.73)
+
+
+def test_lr_robustness_quick(tmp_path: Path) -> None:
+    rob = _load("lm_lr_robustness")
+    assert rob.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    cols, rows = _rows(tmp_path / "lm_lr_robustness.csv")
+    assert {"best_lr", "test_loss_mean", "val_band_width", "test_band_width", "small_batch_test_loss"} <= set(cols)
+    assert [r["optimizer"] for r in rows] == ["adamw", "adam_lars", "ranger_lars"]
+    assert all(float(r["val_band_width"]) >= 1 for r in rows)
+    assert _is_png(tmp_path / "lm_lr_robustness.png")
+    # --from-runs redoes the summary from the runs CSV without training, identically
+    again = tmp_path / "again"
+    assert rob.main(["--from-runs", str(tmp_path / "lm_lr_robustness_runs.csv"), "--out-dir", str(again)]) == 0
+    assert (again / "lm_lr_robustness.csv").read_text() == (tmp_path / "lm_lr_robustness.csv").read_text()
