@@ -14,8 +14,8 @@ and separately on test), reported as its width ``max LR / min LR`` (1 = only the
 reaches the grid's edge is flagged, its width is then a lower bound).
 
 Outputs in ``--out-dir`` (default ``docs/results``): ``lm_lr_robustness_runs.csv`` (every run),
-``lm_lr_robustness.csv`` (the summary above), ``lm_lr_robustness.png`` (mean validation loss +- std vs LR,
-the bands shaded).  ``--from-runs CSV`` redoes the summary and plot from a runs CSV without training;
+``lm_lr_robustness.csv`` (the summary above), ``lm_lr_robustness.png`` (mean validation loss +- std against
+each optimizer's LR relative to its own best, the bands shaded).  ``--from-runs CSV`` redoes the summary and plot from a runs CSV without training;
 ``--quick`` is a seconds-long smoke run.
 
     python recipes/lm_lr_robustness.py                 # ~9 min on one core
@@ -131,6 +131,7 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], path: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    lowest = min((s["best_val_loss"] for s in summary), default=0.0)
     for s, color in zip(summary, ("tab:gray", "tab:blue", "tab:green")):
         opt = s["optimizer"]
         by_lr: dict[float, list[float]] = defaultdict(list)
@@ -139,16 +140,19 @@ def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], path: str) -
                     and math.isfinite(float(r["val_loss"]))):
                 by_lr[float(r["lr"])].append(float(r["val_loss"]))
         lrs = sorted(by_lr)
+        rel = [x / s["best_lr"] for x in lrs]  # each optimizer's LR relative to its own best: widths compare
         means = [mean(by_lr[x]) for x in lrs]
         stds = [stdev(by_lr[x]) if len(by_lr[x]) > 1 else 0.0 for x in lrs]
-        ax.errorbar(lrs, means, yerr=stds, marker="o", ms=4, capsize=2, color=color,
-                    label=f"{opt}: best {s['best_val_loss']:.3f}, band {s['val_band_width']:g}x")
-        ax.axvspan(s["val_band_lo"], s["val_band_hi"], color=color, alpha=0.12)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
+        ax.errorbar(rel, means, yerr=stds, marker="o", ms=4, capsize=2, color=color,
+                    label=f"{opt}: best {s['best_val_loss']:.3f} at lr {s['best_lr']:g}, band {s['val_band_width']:g}x")
+        ax.axvspan(s["val_band_lo"] / s["best_lr"] / 1.08, s["val_band_hi"] / s["best_lr"] * 1.08, color=color, alpha=0.12)
+    ax.set_ylim(lowest - 0.1, lowest + 1.2)  # points above are off scale (diverging LRs)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("learning rate / the optimizer's own best learning rate")
     ax.set_ylabel("validation loss (nats), mean +- std over seeds")
     batch = summary[0]["batch_size"] if summary else LARGE
-    ax.set_title(f"LR robustness at B={batch}, same tokens: shaded = within {BAND_NATS} nats of the best", fontsize=10)
+    ax.set_title(f"LR robustness at B={batch}, same tokens: shaded = within {BAND_NATS} nats of each best",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
