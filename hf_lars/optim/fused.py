@@ -16,6 +16,10 @@ Learning rates, step counts and bias corrections enter as device tensors, so sch
 LAMB's direction ``u`` is not stored between the passes: the norms pass computes ``||u||`` while it writes
 the moments, and the update pass recomputes ``u`` from them (4 words per element instead of 6).
 
+Writes go to *runs* (:func:`hf_lars.optim.fused_runs.runs_of`), not pieces: the pieces that lie end to end in one flat tensor (a ZeRO
+partition holds dozens) are updated as one tensor, their per-piece values (trust ratios, decay) spread over
+it, because inductor turns each in-place write into a view of a buffer into a pass over the whole buffer.
+
 Low-precision weights and gradients are read and written in their own dtype; the fp32 math happens inside
 the generated loops, so no fp32 working copy of a tensor is ever made.  Optional ``inv_scale`` (gradients
 are multiplied by it) and ``found_inf`` (1.0: weights and state are left untouched and the step is not
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor
 
 from hf_lars.layout import StepLayout
+from hf_lars.optim.fused_runs import ratio_slots, run_pieces, runs_of, spread, with_decay
 from hf_lars.optim.moments import AdamScalars, step_scalars
 from hf_lars.optim.trust import Ratios, StepPlan, adam_trust_ratio, lars_trust_ratio, ratio_weight_decay
 
@@ -198,20 +203,19 @@ def _lars_update_pass(weights, grads, bufs, norms, ratio_wd, lr, inv_scale, foun
     piece does not decay), from :func:`hf_lars.optim.trust.ratio_weight_decay` as the eager path takes it.
     """
     momentum, weight_decay, trust_coefficient, eps, nesterov, trust_clip = hp
-    w_p, g_p = _cut(weights, spec), _cut(grads, spec)
-    b_p = _cut(bufs, spec) if momentum > 0 else [None] * len(w_p)
+    runs = runs_of(spec)
+    w_r, g_r = _cut(weights, runs), _cut(grads, runs)
+    b_r = _cut(bufs, runs) if momentum > 0 else [None] * len(w_r)
     ratio = None
     if norms is not None:
         ratio = lars_trust_ratio(norms[0], norms[1], trust_coefficient, ratio_wd, eps, trust_clip)
-    j = 0
-    for w, g, buf, adapted, decayed in zip(w_p, g_p, b_p, adapt, decay):
+    slot = ratio_slots(adapt)
+    for w, g, buf, held in zip(w_r, g_r, b_r, run_pieces(spec, runs)):
         w32, g32 = w.float(), _grad32(g, inv_scale)
-        if adapted:
-            d = g32 + weight_decay * w32 if weight_decay != 0 and decayed else g32
-            d = d * ratio[j]
-            j += 1
-        else:
-            d = g32
+        numels = [spec[i][2] for i in held]
+        r = spread([ratio[slot[i]] if adapt[i] else 1.0 for i in held], numels, w)
+        d = with_decay(g32, w32, weight_decay, [adapt[i] and decay[i] for i in held], numels)
+        d = d if not isinstance(r, Tensor) and r == 1.0 else d * r
         if buf is None:
             new_w = w32 - lr * d
         else:
@@ -276,21 +280,32 @@ def _adam_norms_pass(weights, grads, exp_avgs, exp_avg_sqs, den_a, den_b, inv_sc
     for g, c in zip(grads, centre):
         g32 = _grad32(g, inv_scale)
         local_g.append(centre_rows(g32) if c else g32)
-    w_p, g_p = _cut(weights, spec), _cut(local_g, spec)
-    m_p, v_p = _cut(exp_avgs, spec), _cut(exp_avg_sqs, spec)
+    runs = runs_of(spec)
+    w_r, g_r = _cut(weights, runs), _cut(local_g, runs)
+    m_r, v_r = _cut(exp_avgs, runs), _cut(exp_avg_sqs, runs)
     sw, su = [], []
-    for i, (w, g, m, v, adapted, decayed) in enumerate(zip(w_p, g_p, m_p, v_p, adapt, decay)):
+    for w, g, m, v, held in zip(w_r, g_r, m_r, v_r, run_pieces(spec, runs)):
         new_m = torch.lerp(m, g, 1 - beta1)
         new_v = v * beta2 + (1 - beta2) * g * g
         m.copy_(_keep(new_m, m, found_inf))
         v.copy_(_keep(new_v, v, found_inf))
-        if adapted:
-            w32 = w.float()
-            u = _direction(new_m, new_v, None if den_a is None else den_a[i], None if den_b is None else den_b[i], eps)
-            if weight_decay != 0 and decayed:
-                u = u + weight_decay * w32
-            sw.append(_squares(w32))
-            su.append(_squares(u))
+        if found_inf is None:  # read the moments back from m, v: no second fp32 copy of them is stored
+            new_m, new_v = m, v
+        # den_a / den_b are per stepped tensor (layout.per_piece): one value for all pieces of a run.
+        a, b = (None, None) if den_a is None else (den_a[held[0]], den_b[held[0]])
+        offset = 0
+        for i in held:
+            numel = spec[i][2]
+            if adapt[i]:
+                wp, mp, vp = (w, new_m, new_v) if len(held) == 1 else (
+                    x.narrow(0, offset, numel) for x in (w, new_m, new_v))
+                w32 = wp.float()
+                u = _direction(mp, vp, a, b, eps)
+                if weight_decay != 0 and decay[i]:
+                    u = u + weight_decay * w32
+                sw.append(_squares(w32))
+                su.append(_squares(u))
+            offset += numel
     if not sw:
         return None
     return torch.stack([torch.stack(sw), torch.stack(su)])
@@ -305,25 +320,23 @@ def _adam_update_pass(weights, exp_avgs, exp_avg_sqs, slow, den_a, den_b, norms,
     synchronises this step.  Returns the adapted ratios (or ``None``).
     """
     eps, weight_decay, trust_clip, trust_bounds, alpha = hp
-    w_p, m_p, v_p = _cut(weights, spec), _cut(exp_avgs, spec), _cut(exp_avg_sqs, spec)
-    s_p = _cut(slow, spec) if sync is not None else [None] * len(w_p)
+    runs = runs_of(spec)
+    w_r, m_r, v_r = _cut(weights, runs), _cut(exp_avgs, runs), _cut(exp_avg_sqs, runs)
+    s_r = _cut(slow, runs) if sync is not None else [None] * len(w_r)
     ratio = None if norms is None else adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)
-    j = 0
-    for i, (w, m, v, sl, adapted, decayed) in enumerate(zip(w_p, m_p, v_p, s_p, adapt, decay)):
+    slot = ratio_slots(adapt)
+    for w, m, v, sl, held in zip(w_r, m_r, v_r, s_r, run_pieces(spec, runs)):
+        i0, numels = held[0], [spec[i][2] for i in held]
+        # den_a, den_b, fallback, sync are per stepped tensor (layout.per_piece): one value per run.
         w32 = w.float()
-        u = _direction(m, v, None if den_a is None else den_a[i], None if den_b is None else den_b[i], eps)
-        if adapted:
-            if weight_decay != 0 and decayed:
-                u = u + weight_decay * w32
-            new_w = w32 + u * (ratio[j] * scale[i])
-            j += 1
-        else:
-            new_w = w32 + u * scale[i]
+        u = _direction(m, v, None if den_a is None else den_a[i0], None if den_b is None else den_b[i0], eps)
+        u = with_decay(u, w32, weight_decay, [adapt[i] and decay[i] for i in held], numels)
+        new_w = w32 + u * spread([ratio[slot[i]] * scale[i] if adapt[i] else scale[i] for i in held], numels, w)
         if fallback is not None:
-            new_w = new_w + m * fallback[i]
+            new_w = new_w + m * fallback[i0]
         if sl is not None:
-            new_slow = torch.lerp(sl, new_w, sync[i] * alpha)
-            new_w = torch.lerp(new_w, new_slow, sync[i])
+            new_slow = torch.lerp(sl, new_w, sync[i0] * alpha)
+            new_w = torch.lerp(new_w, new_slow, sync[i0])
             sl.copy_(_keep(new_slow, sl, found_inf))
         w.copy_(_keep(new_w, w32, found_inf))
     return ratio
