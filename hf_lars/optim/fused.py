@@ -3,9 +3,10 @@
 Every rule needs per-layer norms before it can update a layer, and under sharding those norms need one
 all-reduce.  So the step is cut where the collective sits (docs/design.md, "The fused path"):
 
-1. a *norms pass* (compiled): reads what the norms need and writes nothing (Adam's moments are recomputed
-   by the update pass: on CPU a pass that reduces and writes the same tensors compiles to two loops, which
-   cost more than reading them twice), returns the local sums of squares of every adapted piece;
+1. a *norms pass* (compiled): reads what the norms need, returns the local sums of squares of every adapted
+   piece; for AdamLARS it writes nothing (the update pass recomputes and writes the moments: on CPU a pass
+   that reduces and writes the same tensors compiles to two loops, which cost more than reading twice),
+   for RangerLARS it writes the moments;
 2. the reduction (eager, :meth:`hf_lars.layout.PieceSubset.norms_from_squares`): one all-reduce under
    sharding, a square root otherwise;
 3. an *update pass* (compiled): the trust ratios (the same ratio functions as the eager path, on the device)
@@ -286,12 +287,14 @@ def _local_grads(grads, inv_scale, centre, centre_rows):  # type: ignore[no-unty
     return out
 
 
-def _adam_norms_pass(weights, grads, exp_avgs, exp_avg_sqs, den_a, den_b, inv_scale, spec, adapt, decay, centre, centre_rows, hp):  # type: ignore[no-untyped-def]
-    """``[2, adapted pieces]`` sums of squares of ``w`` and ``u`` (from the updated moments), writing nothing.
+def _adam_norms_pass(weights, grads, exp_avgs, exp_avg_sqs, den_a, den_b, inv_scale, found_inf, spec, adapt, decay, centre, centre_rows, write, hp):  # type: ignore[no-untyped-def]
+    """``[2, adapted pieces]`` sums of squares of ``w`` and ``u`` (from the updated moments).
 
-    The moments are written by the update pass, which recomputes them: a pass that both reduces and writes
-    the tensors it reads compiles (inductor, CPU) to a reduction loop and a separate store loop, 36 bytes
-    per element where reading only takes 16 and the update pass's extra writes 8.
+    ``write=False`` (AdamLARS): nothing is written, the update pass recomputes and writes the moments: a
+    pass that both reduces and writes the tensors it reads compiles (inductor, CPU) to a reduction loop and
+    a separate store loop, 36 bytes per element where reading only takes 16 and the update pass's extra
+    writes 8.  ``write=True`` (RangerLARS, whose step measured 2x slower the other way; not yet explained):
+    the moments are written here and the update pass reads them.
     """
     beta1, beta2, eps, weight_decay = hp
     runs = runs_of(spec)
@@ -299,9 +302,10 @@ def _adam_norms_pass(weights, grads, exp_avgs, exp_avg_sqs, den_a, den_b, inv_sc
     m_r, v_r = _cut(exp_avgs, runs), _cut(exp_avg_sqs, runs)
     sw, su = [], []
     for w, g, m, v, held in zip(w_r, g_r, m_r, v_r, run_pieces(spec, runs)):
-        if not any(adapt[i] for i in held):
-            continue
         new_m, new_v = _moments(g, m, v, beta1, beta2)
+        if write:
+            m.copy_(_keep(new_m, m, found_inf))
+            v.copy_(_keep(new_v, v, found_inf))
         # den_a / den_b are per stepped tensor (layout.per_piece): one value for all pieces of a run.
         a, b = (None, None) if den_a is None else (den_a[held[0]], den_b[held[0]])
         offset = 0
@@ -322,9 +326,9 @@ def _adam_norms_pass(weights, grads, exp_avgs, exp_avg_sqs, den_a, den_b, inv_sc
     return torch.stack([torch.stack(sw), torch.stack(su)])
 
 
-def _adam_update_pass(weights, grads, exp_avgs, exp_avg_sqs, slow, den_a, den_b, norms, scale, fallback, sync, inv_scale, found_inf, spec, adapt, decay, centre, centre_rows, hp):  # type: ignore[no-untyped-def]
-    """Write the moments, recompute ``u`` from them, take the trust ratio, update every piece, then
-    Lookahead (``slow``).
+def _adam_update_pass(weights, grads, exp_avgs, exp_avg_sqs, slow, den_a, den_b, norms, scale, fallback, sync, inv_scale, found_inf, spec, adapt, decay, centre, centre_rows, written, hp):  # type: ignore[no-untyped-def]
+    """Write the moments (unless ``written`` by the norms pass), recompute ``u`` from them, take the trust
+    ratio, update every piece, then Lookahead (``slow``).
 
     ``scale`` is the per-piece step factor (``-lr`` or RangerLARS's ``-lr * s * rectified``: 0 while
     unrectified); ``fallback`` (RangerLARS's ``degenerated_to_sgd``) adds ``fallback * m`` per piece
@@ -334,15 +338,16 @@ def _adam_update_pass(weights, grads, exp_avgs, exp_avg_sqs, slow, den_a, den_b,
     beta1, beta2, eps, weight_decay, trust_clip, trust_bounds, alpha = hp
     runs = runs_of(spec)
     w_r, m_r, v_r = _cut(weights, runs), _cut(exp_avgs, runs), _cut(exp_avg_sqs, runs)
-    g_r = _cut(_local_grads(grads, inv_scale, centre, centre_rows), runs)
+    g_r = [None] * len(w_r) if written else _cut(_local_grads(grads, inv_scale, centre, centre_rows), runs)
     s_r = _cut(slow, runs) if sync is not None else [None] * len(w_r)
     ratio = None if norms is None else adam_trust_ratio(norms[0], norms[1], trust_clip, trust_bounds)
     slot = ratio_slots(adapt)
     for w, g, m, v, sl, held in zip(w_r, g_r, m_r, v_r, s_r, run_pieces(spec, runs)):
         i0, numels = held[0], [spec[i][2] for i in held]
-        new_m, new_v = _moments(g, m, v, beta1, beta2)
-        m.copy_(_keep(new_m, m, found_inf))
-        v.copy_(_keep(new_v, v, found_inf))
+        new_m, new_v = (m, v) if written else _moments(g, m, v, beta1, beta2)
+        if not written:
+            m.copy_(_keep(new_m, m, found_inf))
+            v.copy_(_keep(new_v, v, found_inf))
         # den_a, den_b, fallback, sync are per stepped tensor (layout.per_piece): one value per run.
         w32 = w.float()
         u = _direction(new_m, new_v, None if den_a is None else den_a[i0], None if den_b is None else den_b[i0], eps)
@@ -393,21 +398,23 @@ def _adam_form_step(
     flags = (inv_scale is not None, found_inf is not None, den_a is not None)
     hp1 = (beta1, beta2, hp.eps, hp.weight_decay)
     gc = (tuple(centre), centre_rows)
-    static = (spec, adapt, decay, gc[0], hp1, flags)
+    write = bool(slow)  # RangerLARS: the norms pass writes the moments (see _adam_norms_pass)
+    static = (spec, adapt, decay, gc[0], hp1, flags, write)
     norms = None
-    if len(adapted):
+    if len(adapted) or write:
         squares = _call(
             _adam_norms_pass, static, lambda: _signature(w, g, m, v), layout,
-            w, g, m, v, den_a, den_b, inv_scale, spec, adapt, decay, *gc, hp1,
+            w, g, m, v, den_a, den_b, inv_scale, found_inf, spec, adapt, decay, *gc, write, hp1,
         )
-        norms = adapted.norms_from_squares(squares)
+        if len(adapted):
+            norms = adapted.norms_from_squares(squares)
     hp2 = (beta1, beta2, hp.eps, hp.weight_decay, hp.trust_clip, hp.trust_bounds, alpha)
-    static = (spec, adapt, decay, gc[0], hp2, flags, sync is not None, fallback is not None)
+    static = (spec, adapt, decay, gc[0], hp2, flags, sync is not None, fallback is not None, write)
     ratio = _call(
         _adam_update_pass, static, lambda: _signature(w, g, m, v, slow), layout,
         w, g, m, v, slow, den_a, den_b, norms, layout.per_piece(scale),
         None if fallback is None else layout.per_piece(fallback), sync, inv_scale, found_inf, spec, adapt, decay,
-        *gc, hp2,
+        *gc, write, hp2,
     )
     return None if ratio is None else (adapted.layers, ratio)
 
