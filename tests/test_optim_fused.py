@@ -27,6 +27,7 @@ import torch
 
 from hf_lars.layout import Segment, StepLayout, TensorLayout
 from hf_lars.optim import fused
+from hf_lars.optim.fused_runs import run_pieces, runs_of, spread, with_decay
 from hf_lars.optim.adam_lars import AdamLarsHyper, adam_lars
 from hf_lars.optim.lars import LarsHyper, lars
 from hf_lars.optim.ranger_lars import RangerLarsHyper, centralize_gradient, ranger_lars
@@ -248,6 +249,35 @@ def test_fused_on_flat_partition_pieces(name: str) -> None:
     assert torch.equal(rf[1][1], rf[1][2])
     gen = torch.Generator().manual_seed(3)
     assert torch.equal(pf[0][100:], torch.randn(_SIZES[0], generator=gen)[100:])  # padding untouched
+
+
+def test_pieces_end_to_end_form_one_run() -> None:
+    """The update passes write runs: pieces lying end to end in one flat tensor merge (one write of the
+    partition instead of one pass over it per piece), a gap or another tensor starts a new run, and a whole
+    tensor is its own run."""
+    spec = (
+        (0, 0, 5, True),
+        (1, 0, 20, False), (1, 20, 80, False), (1, 106, 4, False),  # a gap at 100-106
+        (2, 0, 28, False), (2, 28, 18, False),
+        (3, 0, 6, True), (4, 0, 7, True),
+    )
+    runs = runs_of(spec)
+    assert runs == ((0, 0, 5, True), (1, 0, 100, False), (1, 106, 4, False), (2, 0, 46, False), (3, 0, 6, True),
+                    (4, 0, 7, True))
+    assert run_pieces(spec, runs) == [[0], [1, 2], [3], [4, 5], [6], [7]]
+
+
+def test_spread_and_decay_over_a_run() -> None:
+    """Per-piece values become per-element ones, copied exactly; a value shared by every piece stays a
+    number (nothing materialised); decay applies to the decaying pieces only."""
+    like = torch.zeros(6)
+    assert spread([0.5, 0.5], [2, 4], like) == 0.5
+    out = spread([torch.tensor(2.0), 1.0, torch.tensor(3.0)], [2, 1, 3], like)
+    assert torch.equal(out, torch.tensor([2.0, 2.0, 1.0, 3.0, 3.0, 3.0]))
+    x, w = torch.ones(6), torch.full((6,), 10.0)
+    assert with_decay(x, w, 0.1, [False, False], [2, 4]) is x
+    assert torch.equal(with_decay(x, w, 0.1, [True, True], [2, 4]), x + 0.1 * w)
+    assert torch.equal(with_decay(x, w, 0.1, [True, False], [2, 4]), torch.tensor([2.0, 2.0, 1, 1, 1, 1]))
 
 
 def test_fused_does_not_centre_centred_gradients() -> None:
