@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from hf_lars.integrations.trust_ratios import (
     STAT_KEYS,
@@ -80,6 +81,11 @@ def add_callback_first(trainer: Any, cls: type[_Callback], callback: _Callback |
     chosen = callback or (existing[0] if existing else cls())
     handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, cls)]
     handler.callbacks.insert(0, chosen)
+    # Trainer lists the ExportableState callbacks when it builds its TrainerState (at train()); one added
+    # later, e.g. from create_scheduler inside train(), needs an entry there, or saving a checkpoint fails.
+    stateful = getattr(getattr(trainer, "state", None), "stateful_callbacks", None)
+    if isinstance(chosen, ExportableState) and isinstance(stateful, dict):
+        stateful.setdefault(type(chosen).__name__, chosen.state())
     return chosen
 
 

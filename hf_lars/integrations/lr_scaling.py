@@ -293,15 +293,14 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
     b_noise = getattr(args, "b_noise", None)
     online = bool(getattr(args, "lr_scaling_online", False))
     batch = global_batch_size(args, world_size)
-    if online:
-        _validate(rule, ref_batch, b_noise, online)
-        online_lr_factor(args, world_size)
-        _check_noise_source(args, world_size)
     applied = getattr(args, _APPLIED_ATTR, None)
     ref_lr = float(args.learning_rate)
     if applied is not None and math.isclose(ref_lr, applied["lr"], rel_tol=1e-12, abs_tol=0.0):
         ref_lr = applied["ref_lr"]
-    lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise, online)
+    lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise, online)  # checks the rule and its values
+    if online:
+        online_lr_factor(args, world_size)  # the bounds and smoothing, before any data or model work
+        _check_noise_source(args, world_size)
     changed = lr != float(args.learning_rate)
     args.learning_rate = lr
     object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})

@@ -63,14 +63,8 @@ def attach_online_lr_scaling(trainer: Any, scheduler: Any) -> Any:
     wrapped = OnlineLrScheduler(scheduler, factor)
     trainer.lr_scheduler = wrapped
     noise = add_noise_scale_callback(trainer)
-    # Trainer lists the ExportableState callbacks when it builds its TrainerState, which can come before the
-    # scheduler; a callback added later must have an entry there, or saving a checkpoint fails.
-    stateful = getattr(getattr(trainer, "state", None), "stateful_callbacks", None)
-    if isinstance(stateful, dict):
-        stateful.setdefault(type(noise).__name__, noise.state())
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, OnlineLrScalingCallback)]
     callbacks.insert(callbacks.index(noise) + 1, OnlineLrScalingCallback(wrapped))
     logger.info("hf_lars: the LR follows the measured B_noise (%r)", factor)
     return wrapped
-
