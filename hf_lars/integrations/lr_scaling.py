@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_lars.scaling.laws import canonical_rule, scaled_lr
+from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 from hf_lars.scaling.online import OnlineLrFactor
 
 __all__ = [
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 #: Values accepted by ``--lr_scaling`` (``adam`` is an alias of ``surge``).
 LR_SCALING_CHOICES: tuple[str, ...] = ("none", "surge", "adam", "sgd", "linear", "sqrt")
-_NEEDS_B_NOISE = frozenset({"adam", "sgd"})
 # Private attribute set on the args by apply_lr_scaling: {"ref_lr": ..., "lr": ...}; makes it idempotent.
 _APPLIED_ATTR = "_hf_lars_lr_scaling"
 
@@ -150,13 +149,13 @@ def _validate(rule: str, ref_batch: Any, b_noise: Any, online: bool = False) -> 
         )
     if not _is_positive_number(ref_batch):
         raise ValueError(f"Invalid lr_scaling_ref_batch: {ref_batch!r} (must be a positive number of examples)")
-    if online and canon not in _NEEDS_B_NOISE:
+    if online and canon not in B_NOISE_RULES:
         raise ValueError(
             f"--lr_scaling_online follows the measured B_noise, which only the surge and sgd rules depend on; "
             f"--lr_scaling {rule} fixes the LR at launch: use --lr_scaling surge (Adam-style) or sgd, or drop "
             "--lr_scaling_online"
         )
-    if canon in _NEEDS_B_NOISE:
+    if canon in B_NOISE_RULES:
         if b_noise is None and not online:
             raise ValueError(
                 f"lr_scaling={rule!r} needs b_noise (the gradient noise scale in examples: fit it with "
@@ -225,13 +224,13 @@ def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: An
         raise ValueError(f"Invalid learning_rate: {ref_lr!r} (the reference LR must be positive)")
     if canon == "none":
         return float(ref_lr)
-    if canon in _NEEDS_B_NOISE and b_noise is None:
+    if canon in B_NOISE_RULES and b_noise is None:
         if _is_main_process():
             logger.info("lr starts at the reference %g; the online factor rescales it from the measured B_noise", ref_lr)
         return float(ref_lr)
-    lr = float(scaled_lr(canon, ref_batch, ref_lr, batch, b_noise if canon in _NEEDS_B_NOISE else None))
+    lr = float(scaled_lr(canon, ref_batch, ref_lr, batch, b_noise if canon in B_NOISE_RULES else None))
     if _is_main_process():
-        noise = f", B_noise={b_noise:g}" if canon in _NEEDS_B_NOISE else ""
+        noise = f", B_noise={b_noise:g}" if canon in B_NOISE_RULES else ""
         logger.info(
             "lr scaled from %g at batch %g to %g at batch %g (rule %s%s)", ref_lr, ref_batch, lr, batch, rule, noise
         )

@@ -27,6 +27,7 @@ from hf_lars.scaling._common import ArrayLike, _as_positive, _as_positive_float,
 
 __all__ = [
     "RULES",
+    "B_NOISE_RULES",
     "sgd_optimal_lr",
     "adam_optimal_lr",
     "scaled_lr",
@@ -36,7 +37,8 @@ __all__ = [
 #: Rule names accepted by :func:`scaled_lr` (``"surge"`` is an alias of ``"adam"``).
 RULES: tuple[str, ...] = ("adam", "surge", "sgd", "linear", "sqrt", "none")
 _ALIASES: dict[str, str] = {"surge": "adam"}
-_NEEDS_B_NOISE: frozenset[str] = frozenset({"adam", "sgd"})
+#: Canonical rules whose LR depends on ``B_noise`` (the laws; the rules of thumb do not).
+B_NOISE_RULES: frozenset[str] = frozenset({"adam", "sgd"})
 
 
 def canonical_rule(rule: str) -> str:
@@ -117,7 +119,7 @@ def scaled_lr(
     ref = _as_positive_float(ref_lr, "ref_lr")
     b, scalar = _as_positive(batch, "batch")
     log_bn: float | None = None
-    if canon in _NEEDS_B_NOISE:
+    if canon in B_NOISE_RULES:
         if b_noise is None:
             raise ValueError(f"b_noise is required for scaling rule {rule!r}")
         log_bn = float(np.log(_as_positive_float(b_noise, "b_noise")))

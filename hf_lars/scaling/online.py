@@ -33,11 +33,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hf_lars.scaling.laws import canonical_rule, scaled_lr
+from hf_lars.scaling.laws import B_NOISE_RULES, RULES, canonical_rule, scaled_lr
 
 __all__ = ["ONLINE_RULES", "OnlineLrFactor"]
 
-#: Rules whose LR depends on ``B_noise`` (the only ones an online estimate can move).
+#: The rule names (aliases included) whose LR depends on ``B_noise``: the only ones an online estimate can move
+#: (``laws.B_NOISE_RULES`` decides; this is how they are spelled in messages).
 ONLINE_RULES: tuple[str, ...] = ("surge", "adam", "sgd")
 
 
@@ -74,7 +75,7 @@ class OnlineLrFactor:
         max_factor: float = 4.0,
         smoothing: float = 0.0,
     ) -> None:
-        if str(rule).strip().lower() not in ONLINE_RULES:
+        if str(rule).strip().lower() not in RULES or canonical_rule(rule) not in B_NOISE_RULES:
             raise ValueError(
                 f"Online LR scaling follows B_noise, which only the rules {', '.join(ONLINE_RULES)} depend on; "
                 f"got {rule!r} (its LR is fixed at launch: drop the online switch, or use surge or sgd)"

@@ -16,7 +16,7 @@ import numpy as np
 
 from hf_lars.scaling._common import ArrayLike, _as_positive, _as_positive_float, _like_input
 from hf_lars.scaling.fit import SurgeFit
-from hf_lars.scaling.laws import _NEEDS_B_NOISE, _log_ratio, canonical_rule
+from hf_lars.scaling.laws import B_NOISE_RULES, _log_ratio, canonical_rule
 
 __all__ = ["ExtrapolationWarning", "BatchSizeScaler", "AdamBatchSizeScaler", "SGDBatchSizeScaler"]
 
@@ -61,7 +61,7 @@ class BatchSizeScaler:
                 batch_range = b_noise.batch_range
             b_noise = b_noise.b_noise
         self.b_noise: float | None = None
-        if self.rule in _NEEDS_B_NOISE:
+        if self.rule in B_NOISE_RULES:
             if b_noise is None:
                 raise ValueError(f"b_noise is required for scaling rule {self.rule!r}")
             self.b_noise = _as_positive_float(b_noise, "b_noise")
