@@ -380,14 +380,14 @@ class OnlineLrScheduler(LRScheduler):
     def _step_count(self, value: int) -> None:
         self.scheduler._step_count = value
 
-    def _apply(self) -> None:
-        factor = self.factor.factor
+    def _apply(self, factor: float | None = None) -> None:
+        """Every group's ``lr`` = the wrapped scheduler's x ``factor`` (default: the current factor)."""
+        factor = self.factor.factor if factor is None else factor
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr * factor
 
     def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        self._apply(1.0)  # the scheduler's own LRs back, so a chainable one steps from them
         self.scheduler.step(*args, **kwargs)
         self._apply()
 
