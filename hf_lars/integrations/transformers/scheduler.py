@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hf_lars.integrations.online_lr import attach_online_lr_scaling
 from hf_lars.integrations.transformers.names import SCHEDULER_NAME, WARMUP_POLY_KWARGS, is_warmup_poly
 from hf_lars.integrations.transformers.patches import mark_scheduler_created
 from hf_lars.schedule import get_warmup_poly_schedule
@@ -70,8 +71,6 @@ def create_scheduler(
     With ``--lr_scaling_online`` the scheduler is wrapped so its LRs follow the measured noise scale
     (:func:`hf_lars.integrations.online_lr.attach_online_lr_scaling`).
     """
-    from hf_lars.integrations.online_lr import attach_online_lr_scaling
-
     if trainer.lr_scheduler is None and is_warmup_poly(trainer.args.lr_scheduler_type):
         trainer.lr_scheduler = create_warmup_poly_scheduler(
             trainer.optimizer if optimizer is None else optimizer,
