@@ -154,7 +154,8 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         self._step_counts = HostStepCounts()
         # (group index, layer ids) -> (names, ratios) of the last step: ZeRO-3 steps a group's sub-groups in
         # separate step() calls, each with its own layers.
-        self._last_ratios: dict[tuple[int, tuple[int, ...]], tuple[list[str], Tensor]] = {}
+        # (group index, layers) -> that step's ratios; named only when read (trust_ratios), not in step().
+        self._last_ratios: dict[tuple[int, tuple[int, ...]], Tensor] = {}
         # group index -> its layers when its tensors stack layers (set with the group's first layout).
         self._stacked: dict[int, StackedLayers] = {}
         defaults = {**defaults, "excluded": False}
@@ -247,8 +248,9 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         layers it holds a piece of; the ratios are global (computed from all-reduced norms).
         """
         out: dict[str, Tensor] = {}
-        for names, ratios in self._last_ratios.values():
-            out.update(zip(names, ratios.unbind(0)))
+        for (group_index, layers), ratios in self._last_ratios.items():
+            names = self._layer_names(self.param_groups[group_index], group_index)
+            out.update(zip([names[i] for i in layers], ratios.unbind(0)))
         return out
 
     def _layer_names(self, group: dict[str, Any], group_index: int) -> list[str]:
@@ -260,12 +262,11 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         stacked = self._stacked.get(group_index)
         return list(names) if stacked is None else stacked.names(names)
 
-    def _record_ratios(self, group: dict[str, Any], group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
-        names = self._layer_names(group, group_index)
+    def _record_ratios(self, group_index: int, layers: Sequence[int], ratios: Tensor) -> None:
         new = set(layers)
         for key in [k for k in self._last_ratios if k[0] == group_index and new.intersection(k[1])]:
             del self._last_ratios[key]  # superseded (disjoint entries are other ZeRO-3 sub-groups: kept)
-        self._last_ratios[(group_index, tuple(layers))] = ([names[i] for i in layers], ratios.detach())
+        self._last_ratios[(group_index, tuple(layers))] = ratios.detach()
 
     # -------------------------------------------------------------------------------------- layouts
     def _step_layout(self, group: dict[str, Any], group_index: int, stepped: list[Tensor]) -> tuple[StepPlan, bool]:
@@ -475,7 +476,7 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
             if saved is not None:
                 restore_if_skipped(found_inf, saved)
             if ratios is not None:
-                self._record_ratios(group, group_index, *ratios)
+                self._record_ratios(group_index, *ratios)
         return loss
 
 
