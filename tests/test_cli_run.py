@@ -93,7 +93,11 @@ def test_torchrun_ddp_matches_one_process(tmp_path: Path) -> None:
         "--master_port", str(_free_port()), "-m", "hf_lars", "run", str(SCRIPT), "--result", str(ddp_result),
         *tiny_cli_args(tmp_path / "ddp", per_device_train_batch_size=4, **common),
     ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:  # a hang: show where the run got to
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (err.stdout, err.stderr) if x)
+        pytest.fail(f"torchrun did not finish in 300 s; output tail:\n{out[-4000:]}")
     assert proc.returncode == 0 and ddp_result.is_file(), (proc.stdout + proc.stderr)[-4000:]
 
     one_result = tmp_path / "one.json"

@@ -13,7 +13,8 @@ What :func:`hf_lars.register` adds for such scripts (see :mod:`hf_lars.integrati
 ``--deepspeed zero3`` names a config shipped with hf_lars, a CPU-only multi-process DeepSpeed launch gets
 Accelerate's gloo process state (one log line says so), and ``--optim_args`` / ``--lr_scaling`` mistakes fail
 at argument parsing.  When the script returns, successfully, a process group that is still open is closed (after a barrier),
-as DeepSpeed's CPU runs otherwise sometimes abort at exit.
+as DeepSpeed's CPU runs otherwise sometimes abort at exit.  A script that closes its own group should do it after its
+DDP model is gone (see :func:`_close_process_group`).
 """
 
 from __future__ import annotations
@@ -169,9 +170,19 @@ def run_script(argv: Sequence[str]) -> int:
 
 
 def _close_process_group() -> None:
-    """``barrier`` + ``destroy_process_group`` if the script left one open (clean exit of every rank)."""
+    """``barrier`` + ``destroy_process_group`` if the script left one open (clean exit of every rank).
+
+    The script's objects are collected first, while the process group is still registered.  A DDP model's C++
+    ``Reducer`` holds the gloo group without releasing the GIL when it is freed: if it held the last reference
+    (freed after ``destroy_process_group``), the group's destructor joins its worker threads while one of them
+    waits for the GIL to free a finished collective's tensors, and the process hangs (torch 2.13, gloo; seen
+    about once in ten loaded 2-process Trainer runs).  Freed here, the group outlives it.
+    """
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the script's DDP Reducers, while the registry still holds the group
         dist.barrier()
         dist.destroy_process_group()

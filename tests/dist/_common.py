@@ -3,14 +3,16 @@
 The backend comes from ``HF_LARS_TEST_BACKEND`` (``gloo`` unless set; ``dist.launch.torchrun(...,
 backend="nccl")`` sets it): under NCCL each rank uses GPU ``LOCAL_RANK`` (:func:`device`).
 
-Every script: ``init()`` first, ``finish()`` last (a barrier before destroying the process group: without
-it about one run in eight aborts at exit), results written by rank 0 as JSON to ``--out``.
+Every script: ``init()`` first, ``finish()`` last, from a frame that holds no model (a barrier before destroying the
+process group: without it about one run in eight aborts at exit; see :func:`finish` for the model), results written
+by rank 0 as JSON to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -72,6 +74,14 @@ def init() -> tuple[int, int]:
 
 
 def finish() -> None:
+    """Close the process group once the models are gone: call it where no DDP model is still referenced.
+
+    A DDP ``Reducer`` freed after ``destroy_process_group`` holds the last reference to the gloo group and frees it
+    with the GIL held; the group's destructor then waits for a worker thread that waits for the GIL (a hang, about
+    one loaded run in ten).  ``gc.collect()`` frees the models that reference cycles keep, while the group is
+    still registered.
+    """
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

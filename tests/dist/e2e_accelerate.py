@@ -236,8 +236,7 @@ def main() -> None:
             (b[n] - p.detach()).abs().max().item() for n, p in tiny_model(seed=0).named_parameters()
         )
     C.write(args.out, results)
-    dist.barrier()
-    dist.destroy_process_group()
+    C.finish()
 
 
 if __name__ == "__main__":

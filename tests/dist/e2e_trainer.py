@@ -36,7 +36,6 @@ from typing import Any
 
 import _common as C
 import torch
-import torch.distributed as dist
 from hf_common import TokenBlocks, tiny_args, tiny_model
 
 STEPS = 4
@@ -203,8 +202,7 @@ def main() -> None:
         results[name]["max_abs_diff"] = max_diff(finals[name], finals[f"ddp_{ref}"])
         results[name]["moved"] = max_diff(finals[name], init)  # how far training moved the weights
     C.write(args.out, results)
-    dist.barrier()
-    dist.destroy_process_group()
+    C.finish()
 
 
 if __name__ == "__main__":
