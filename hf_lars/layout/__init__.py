@@ -11,7 +11,12 @@ for every piece with at most one ``all_reduce`` over the data-parallel group.
 Both sides import this module and nothing of each other (``docs/design.md``, "The house and its arrows"):
 the optimizer asks :func:`resolve_layouts` for the layouts of what it steps; the engine-specific answer
 is a resolver that :mod:`hf_lars.sharding` registers with :func:`register_layout_resolver` when it is
-imported (``import hf_lars`` imports it).  This module imports only torch.
+imported (``import hf_lars`` imports it).  This package imports only torch.
+
+Beside the classes here, each in its own module and re-exported: :func:`collective_device` (``collective.py``:
+where the all-reduce runs), :func:`expand_scalars` (``scalars.py``: per-layer values broadcast over pieces),
+:class:`RowCentring` (``row_centring.py``: Gradient Centralization on pieces) and the stacked-layer helpers
+(``stacked.py``: experts stored in one tensor).
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import os
-
 import torch
 from torch import Tensor
+
+from hf_lars.layout.collective import collective_device, group_device_types
+from hf_lars.layout.scalars import expand_scalars
 
 __all__ = [
     "NORMS_PER_LAYER",
@@ -367,103 +373,6 @@ class PieceSubset:
 
 # A layout keeps the piece views of this many stable tensor lists (weights and up to three state buffers).
 _MAX_CACHED_VIEW_SETS = 8
-
-
-_REPEATS: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
-_MAX_REPEATS = 64
-
-
-def expand_scalars(values: Tensor, like: Sequence[Tensor]) -> Any:
-    """``values[i]`` broadcast to the shape of ``like[i]``, as dense tensors: one kernel for the whole list.
-
-    ``values`` of shape ``[n]`` gives one list; ``[k, n]`` gives ``k`` lists (one expansion for all).
-
-    CUDA's multi-tensor fast path takes a foreach op only when, index by index, its tensor lists agree in
-    shape and strides: a list of 0-d tensors (one trust ratio per layer) paired with a list of matrices
-    falls back to one kernel per tensor.  One ``repeat_interleave`` into a flat buffer, split into views
-    shaped like ``like``, puts every per-layer value back on the fast path, for one transient fp32 buffer of
-    the list's size (torch's foreach AdamW makes as large a temporary for its denominator).  The values are
-    copied, not recomputed, so the result is bit-identical to multiplying by each 0-d value.
-    """
-    numels = tuple(t.numel() for t in like)
-    key = (values.device, numels)
-    repeats = _REPEATS.get(key) if type(values) is Tensor else None  # never cache fake or traced tensors
-    if repeats is None:  # one host-to-device copy per list shape, not per step
-        repeats = torch.tensor(numels, dtype=torch.long, device=values.device)
-        if type(values) is Tensor:
-            if len(_REPEATS) >= _MAX_REPEATS:
-                _REPEATS.pop(next(iter(_REPEATS)))
-            _REPEATS[key] = repeats
-    flat = torch.repeat_interleave(values, repeats, dim=-1, output_size=sum(numels))
-    if values.dim() == 1:
-        return [piece.view(t.shape) for piece, t in zip(flat.split(numels), like)]
-    return [[piece.view(t.shape) for piece, t in zip(row.split(numels), like)] for row in flat.unbind(0)]
-
-
-def group_device_types(group: Any) -> list[str]:
-    """The device types ``group`` has a backend for, e.g. ``["cuda", "cpu"]`` for ``"cuda:nccl,cpu:gloo"``.
-
-    Read from the group itself (``ProcessGroup._device_types``, what
-    ``torch.distributed.distributed_c10d._device_capability`` returns), which is right for every way of
-    creating a group: ``backend="nccl"`` (cuda), ``"gloo"`` (cpu and cuda), ``"cuda:nccl,cpu:gloo"``, and no
-    backend at all (``get_backend`` then says ``'undefined'`` and the group has the default backend of
-    every available device type).  Falls back to parsing ``get_backend(group)`` for objects without it.
-    """
-    types = getattr(group, "_device_types", None)
-    if types:
-        return [torch.device(t).type for t in types]
-    import torch.distributed as dist
-
-    name = str(dist.get_backend(group)).lower()
-    out: list[str] = []
-    for part in name.split(","):
-        device, _, backend = part.strip().rpartition(":")
-        if device:
-            out.append(device)
-        elif backend == "nccl":
-            out.append("cuda")
-        elif backend == "gloo":
-            out += ["cpu", "cuda"]
-        elif backend in ("mpi", "ucc"):
-            out.append("cpu")
-    if not out:
-        raise ValueError(
-            f"hf_lars: cannot tell which devices process group {group!r} (backend {name!r}) supports; create it "
-            "with an explicit backend (init_process_group(backend='nccl') or 'cuda:nccl,cpu:gloo')."
-        )
-    return out
-
-
-def collective_device(group: Any, local: torch.device) -> torch.device:
-    """The device to all-reduce per-layer partial sums made on ``local`` over ``group``.
-
-    The rule (docs/design.md, "Layers, pieces and one all-reduce"): the pieces' own device when the group
-    has a backend for its type (no copy); otherwise the group's accelerator, with the index from, in turn,
-    the group's bound device (``init_process_group(device_id=...)``), ``LOCAL_RANK`` (torchrun, deepspeed
-    and accelerate set it; right even when the script never called ``set_device``), then the current
-    device; otherwise the CPU.  Every rank of a run keeps its stepped tensors on the same device type, so
-    every rank, one that holds no piece included (it passes the stepped tensors' device), picks the same
-    device type and joins the same backend.
-    """
-    local = torch.device(local)
-    types = group_device_types(group)
-    if local.type in types:
-        return local
-    accelerators = [t for t in types if t != "cpu"]
-    if not accelerators:
-        return torch.device("cpu")
-    kind = accelerators[0]
-    bound = getattr(group, "bound_device_id", None)
-    if bound is not None and torch.device(bound).type == kind and torch.device(bound).index is not None:
-        return torch.device(bound)
-    module = getattr(torch, kind, None)
-    count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and local_rank.isdigit() and int(local_rank) < max(count, 1):
-        return torch.device(kind, int(local_rank))
-    if module is not None and hasattr(module, "current_device") and count > 0:
-        return torch.device(kind, module.current_device())
-    return torch.device(kind, 0)
 
 
 # ------------------------------------------------------------------------------------------ resolver
