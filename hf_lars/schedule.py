@@ -47,6 +47,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -79,35 +80,56 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _validate_schedule_args(
-    num_warmup_steps: int,
-    num_training_steps: int,
-    power: float,
-    lr_end: float,
-    warmup: str,
-    warmup_start: float,
-) -> tuple[int, int]:
-    """Validate the arguments shared by the schedule and its pure factor; return the two step counts."""
-    num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps)
-    num_training_steps = _check_int("num_training_steps", num_training_steps)
-    if num_training_steps <= 0:
-        raise ValueError(f"Invalid num_training_steps: {num_training_steps} (must be > 0)")
-    if num_warmup_steps < 0:
-        raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be >= 0)")
-    if num_warmup_steps >= num_training_steps:
-        raise ValueError(
-            f"Invalid num_warmup_steps: warmup >= total steps ({num_warmup_steps} >= num_training_steps="
-            f"{num_training_steps}); num_warmup_steps must be in [0, num_training_steps)"
-        )
-    if not (_is_real(power) and power > 0):
-        raise ValueError(f"Invalid power: {power!r} (must be a finite number > 0)")
-    if not (_is_real(lr_end) and lr_end >= 0):
-        raise ValueError(f"Invalid lr_end: {lr_end!r} (must be a finite number >= 0)")
-    if warmup not in WARMUP_KINDS:
-        raise ValueError(f"Invalid warmup: {warmup!r} (must be one of {', '.join(map(repr, WARMUP_KINDS))})")
-    if not (_is_real(warmup_start) and 0.0 <= warmup_start <= 1.0):
-        raise ValueError(f"Invalid warmup_start: {warmup_start!r} (must be a fraction of lr0 in [0, 1])")
-    return num_warmup_steps, num_training_steps
+@dataclass(frozen=True)
+class _WarmupPoly:
+    """The schedule's shape, validated once: what :func:`warmup_poly_factor` and every multiplier of
+    :func:`get_warmup_poly_schedule` compute with."""
+
+    num_warmup_steps: int
+    num_training_steps: int
+    power: float
+    lr_end: float
+    warmup: str
+    warmup_start: float
+
+    @classmethod
+    def checked(
+        cls, num_warmup_steps: Any, num_training_steps: Any, power: Any, lr_end: Any, warmup: Any, warmup_start: Any
+    ) -> _WarmupPoly:
+        """The shape, or ``ValueError`` naming the first argument out of range and its allowed range."""
+        num_warmup_steps = _check_int("num_warmup_steps", num_warmup_steps)
+        num_training_steps = _check_int("num_training_steps", num_training_steps)
+        if num_training_steps <= 0:
+            raise ValueError(f"Invalid num_training_steps: {num_training_steps} (must be > 0)")
+        if num_warmup_steps < 0:
+            raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be >= 0)")
+        if num_warmup_steps >= num_training_steps:
+            raise ValueError(
+                f"Invalid num_warmup_steps: warmup >= total steps ({num_warmup_steps} >= num_training_steps="
+                f"{num_training_steps}); num_warmup_steps must be in [0, num_training_steps)"
+            )
+        if not (_is_real(power) and power > 0):
+            raise ValueError(f"Invalid power: {power!r} (must be a finite number > 0)")
+        if not (_is_real(lr_end) and lr_end >= 0):
+            raise ValueError(f"Invalid lr_end: {lr_end!r} (must be a finite number >= 0)")
+        if warmup not in WARMUP_KINDS:
+            raise ValueError(f"Invalid warmup: {warmup!r} (must be one of {', '.join(map(repr, WARMUP_KINDS))})")
+        if not (_is_real(warmup_start) and 0.0 <= warmup_start <= 1.0):
+            raise ValueError(f"Invalid warmup_start: {warmup_start!r} (must be a fraction of lr0 in [0, 1])")
+        return cls(num_warmup_steps, num_training_steps, float(power), float(lr_end), warmup, float(warmup_start))
+
+    def factor(self, step: int, lr0: float) -> float:
+        """``lr(step) / lr0``, unchecked (the shape was checked once; ``lr0 >= lr_end`` by the caller)."""
+        if lr0 == 0.0:
+            return 0.0
+        if step < self.num_warmup_steps:
+            if self.warmup == "constant":
+                return self.warmup_start
+            return self.warmup_start + (1.0 - self.warmup_start) * step / self.num_warmup_steps
+        if step >= self.num_training_steps:
+            return self.lr_end / lr0
+        pct_remaining = 1.0 - (step - self.num_warmup_steps) / (self.num_training_steps - self.num_warmup_steps)
+        return (self.lr_end + (lr0 - self.lr_end) * pct_remaining**self.power) / lr0
 
 
 def _as_float(lr: Any) -> float:
@@ -153,41 +175,14 @@ def warmup_poly_factor(
     Returns:
         ``lr(t) / lr0`` as a float.
     """
-    num_warmup_steps, num_training_steps = _validate_schedule_args(
-        num_warmup_steps, num_training_steps, power, lr_end, warmup, warmup_start
-    )
+    shape = _WarmupPoly.checked(num_warmup_steps, num_training_steps, power, lr_end, warmup, warmup_start)
     step = _check_int("step", step)
     if step < 0:
         raise ValueError(f"Invalid step: {step} (must be >= 0)")
     lr0 = _as_float(lr0)
     if lr_end > lr0:
         raise ValueError(f"Invalid lr_end: {lr_end} > lr0={lr0} (lr_end must be <= lr0)")
-    if lr0 == 0.0:
-        return 0.0
-    return _factor(step, num_warmup_steps, num_training_steps, lr0, power, lr_end, warmup, warmup_start)
-
-
-def _factor(
-    step: int,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    lr0: float,
-    power: float,
-    lr_end: float,
-    warmup: str,
-    warmup_start: float,
-) -> float:
-    """Unchecked body of :func:`warmup_poly_factor` (arguments validated once, at scheduler creation)."""
-    if lr0 == 0.0:
-        return 0.0
-    if step < num_warmup_steps:
-        if warmup == "constant":
-            return float(warmup_start)
-        return warmup_start + (1.0 - warmup_start) * step / num_warmup_steps
-    if step >= num_training_steps:
-        return lr_end / lr0
-    pct_remaining = 1.0 - (step - num_warmup_steps) / (num_training_steps - num_warmup_steps)
-    return (lr_end + (lr0 - lr_end) * pct_remaining**power) / lr0
+    return shape.factor(step, lr0)
 
 
 class _ParamGroupsView(Optimizer):
@@ -292,9 +287,7 @@ def get_warmup_poly_schedule(
     Raises:
         ValueError: on any out-of-range argument, naming it and the allowed range.
     """
-    num_warmup_steps, num_training_steps = _validate_schedule_args(
-        num_warmup_steps, num_training_steps, power, lr_end, warmup, warmup_start
-    )
+    shape = _WarmupPoly.checked(num_warmup_steps, num_training_steps, power, lr_end, warmup, warmup_start)
     param_groups = getattr(optimizer, "param_groups", None)
     if param_groups is None or len(param_groups) == 0:
         raise ValueError(f"optimizer must have a non-empty param_groups list, got {type(optimizer).__name__}")
@@ -314,19 +307,7 @@ def get_warmup_poly_schedule(
     if not isinstance(optimizer, Optimizer):
         logger.debug("Wrapping %s in a param-group view for LambdaLR", type(optimizer).__name__)
         optimizer = _ParamGroupsView(optimizer)
-    lr_lambdas = [
-        partial(
-            _factor,
-            num_warmup_steps=num_warmup_steps,
-            num_training_steps=num_training_steps,
-            lr0=lr0,
-            power=float(power),
-            lr_end=float(lr_end),
-            warmup=warmup,
-            warmup_start=float(warmup_start),
-        )
-        for lr0 in lr0s
-    ]
+    lr_lambdas = [partial(shape.factor, lr0=lr0) for lr0 in lr0s]
     return LambdaLR(optimizer, lr_lambdas, last_epoch=last_epoch)
 
 

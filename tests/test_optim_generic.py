@@ -82,6 +82,17 @@ def test_signature_and_group_defaults(info):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
+def test_docstring_documents_every_argument(info):
+    """The rendered docstring (what ``help()`` shows; shared lines come from ``optim/_docs.py``) has one
+    ``Args`` entry per constructor argument, in signature order, and no unfilled ``{fragment}`` marker."""
+    doc = inspect.getdoc(info.cls)
+    args = doc[doc.index("Args:"):].splitlines()[1:]
+    documented = [line.split(":")[0].strip() for line in args if line.startswith("    ") and line[4] != " "]
+    assert documented == [n for n in inspect.signature(info.cls.__init__).parameters if n != "self"]
+    assert not [line for line in doc.splitlines() if line.strip().startswith("{") and line.strip().endswith("}")]
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPT_IDS)
 def test_param_forms_are_equivalent(info):
     """Tensors, (name, tensor) pairs, a generator and a group dict give bit-identical steps."""
     kwargs = {**info.required, **_first_input(info).kwargs}

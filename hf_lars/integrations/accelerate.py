@@ -82,12 +82,7 @@ def create_optimizer_and_scheduler(
         kwargs["weight_decay"] = weight_decay
     optimizer = create_optimizer(model, name, lr=lr, **kwargs)
     scheduler = get_warmup_poly_schedule(
-        optimizer,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        power=power,
-        lr_end=lr_end,
-        warmup=warmup,
-        warmup_start=warmup_start,
+        optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps, power=power,
+        lr_end=lr_end, warmup=warmup, warmup_start=warmup_start,
     )
     return optimizer, scheduler

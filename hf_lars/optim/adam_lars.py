@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from hf_lars.optim._docs import with_shared_args
 from hf_lars.optim.base import TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_adam_lars
 from hf_lars.optim.lamb_form import AdamFormHyper, lamb_form_step
@@ -46,6 +47,7 @@ def check_trust_bounds(bounds: Any) -> None:
         raise ValueError(f"Invalid trust_bounds value: {bounds!r} (allowed: None or (lo, hi) with 0 < lo <= hi)")
 
 
+@with_shared_args
 class AdamLARS(TrustRatioOptimizer):
     r"""Adam with a layer-wise trust ratio (LAMB).
 
@@ -67,7 +69,7 @@ class AdamLARS(TrustRatioOptimizer):
     arXiv:1904.00962 (2019), Algorithm 2.
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        {params}
         lr: learning rate :math:`\gamma` >= 0.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` >= 0.
@@ -75,12 +77,10 @@ class AdamLARS(TrustRatioOptimizer):
         bias_correction: divide the moments by :math:`1-\beta^t`.
         trust_clip: cap the ratio at 1.
         trust_bounds: ``None`` or ``(lo, hi)`` with ``0 < lo <= hi``.
-        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        {exclude_1d}
         adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
             plain Adam step at ``lr``; a group key overrides).
-        foreach: use the foreach implementation; ``None`` picks the faster one for the device.
-        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
-            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
+        {implementation}
     """
 
     def __init__(
@@ -95,9 +95,7 @@ class AdamLARS(TrustRatioOptimizer):
         trust_bounds: tuple[float, float] | None = None,
         exclude_1d: bool = True,
         adapt_excluded: bool = False,
-        *,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        *, foreach: bool | None = None, fused: bool | None = None,  # the implementation
     ) -> None:
         super().__init__(params, constructor_defaults(locals()))
 

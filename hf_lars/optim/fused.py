@@ -427,16 +427,9 @@ def _device_counts(steps: list[Tensor], found_inf: Tensor | None) -> Tensor:
 
 
 def fused_adam_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    plan: StepPlan,
-    hp: AdamLarsHyper,
-    *,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[Tensor],
+    plan: StepPlan, hp: AdamLarsHyper,
+    *, inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> Ratios | None:
     """:func:`hf_lars.optim.adam_lars.adam_lars` as two compiled passes; same arguments, plus ``inv_scale``
     and ``found_inf`` (see the module docstring).  Returns ``(layer ids, ratios)`` of the adapted layers."""
@@ -450,19 +443,10 @@ def fused_adam_lars(
 
 
 def fused_ranger_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    slow_buffers: list[Tensor],
-    steps: list[Tensor],
-    plan: StepPlan,
-    hp: RangerLarsHyper,
-    *,
-    centred: bool = False,
-    centre_rows: Callable[[Tensor], Tensor] | None = None,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    slow_buffers: list[Tensor], steps: list[Tensor], plan: StepPlan, hp: RangerLarsHyper,
+    *, centred: bool = False, centre_rows: Callable[[Tensor], Tensor] | None = None,
+    inv_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> Ratios | None:
     """:func:`hf_lars.optim.ranger_lars.ranger_lars` as two compiled passes; same arguments, plus
     ``centre_rows`` (the GC function, ``ranger_lars.centralize_gradient``), ``inv_scale`` and ``found_inf``.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from hf_lars.layout import PieceSubset
+from hf_lars.optim._docs import with_shared_args
 from hf_lars.optim.base import HyperParameters, TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_lars
 from hf_lars.optim.moments import operand
@@ -31,6 +32,7 @@ class LarsHyper(HyperParameters):
     trust_clip: bool
 
 
+@with_shared_args
 class LARS(TrustRatioOptimizer):
     r"""Layer-wise Adaptive Rate Scaling.
 
@@ -54,7 +56,7 @@ class LARS(TrustRatioOptimizer):
     arXiv:1708.03888 (2017), Algorithm 1.
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param-group dicts.
+        {params}
         lr: learning rate :math:`\gamma`.
         momentum: :math:`\mu` in [0, 1).
         weight_decay: :math:`\lambda` >= 0 (never applied to excluded layers).
@@ -62,11 +64,9 @@ class LARS(TrustRatioOptimizer):
         eps: :math:`\epsilon` >= 0 in the ratio's denominator.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         trust_clip: cap the ratio at 1 (LARC).
-        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
+        {exclude_1d}
         adapt_excluded: excluded layers take the trust ratio (default True for LARS; a group key overrides).
-        foreach: use the foreach implementation; ``None`` picks the faster one for the device.
-        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
-            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
+        {implementation}
     """
 
     def __init__(
@@ -81,9 +81,7 @@ class LARS(TrustRatioOptimizer):
         trust_clip: bool = False,
         exclude_1d: bool = True,
         adapt_excluded: bool = True,
-        *,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        *, foreach: bool | None = None, fused: bool | None = None,  # the implementation
     ) -> None:
         super().__init__(params, constructor_defaults(locals()))
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from hf_lars.layout import StepLayout
 from hf_lars.optim.adam_lars import check_betas
+from hf_lars.optim._docs import with_shared_args
 from hf_lars.optim.base import TrustRatioOptimizer, check_range, constructor_defaults
 from hf_lars.optim.fused import fused_ranger_lars
 from hf_lars.optim.lamb_form import AdamFormHyper, lamb_form_step
@@ -38,6 +39,7 @@ class RangerLarsHyper(AdamFormHyper):
         return rectified_scalars(t, *self.betas, self.eps, self.rectify_threshold, self.k, self.degenerated_to_sgd)
 
 
+@with_shared_args
 class RangerLARS(TrustRatioOptimizer):
     r"""RAdam + Lookahead + Gradient Centralization, with a layer-wise trust ratio.
 
@@ -73,7 +75,7 @@ class RangerLARS(TrustRatioOptimizer):
     for the trust ratio.
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        {params}
         lr: learning rate :math:`\gamma` >= 0.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         eps: :math:`\epsilon` >= 0.
@@ -82,14 +84,12 @@ class RangerLARS(TrustRatioOptimizer):
         k: Lookahead synchronization period (>= 1).
         alpha: Lookahead slow-weight step in (0, 1].
         rectify_threshold: :math:`\tau`; the variance is rectified once :math:`\rho_t > \tau`.
+        {exclude_1d}
         degenerated_to_sgd: while unrectified, step ``w -= lr * m^`` (no trust ratio, no weight decay)
             instead of not stepping.
-        exclude_1d: 1-D (and 0-D) layers are excluded: no weight decay; trust ratio per ``adapt_excluded``.
         adapt_excluded: excluded layers take the trust ratio (default False, LAMB's convention: they take a
             plain RAdam step at ``lr``; a group key overrides).
-        foreach: use the foreach implementation; ``None`` picks the faster one for the device.
-        fused: run the step as two compiled passes (``torch.compile``; docs/design.md, "The fused path").
-            ``None`` (default) and ``False``: the eager step.  Pays back on long runs (see the README).
+        {implementation}
     """
 
     def __init__(
@@ -106,9 +106,7 @@ class RangerLARS(TrustRatioOptimizer):
         exclude_1d: bool = True,
         degenerated_to_sgd: bool = False,
         adapt_excluded: bool = False,
-        *,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        *, foreach: bool | None = None, fused: bool | None = None,  # the implementation
     ) -> None:
         defaults = constructor_defaults(locals())
         # The centred gradients of a ZeRO step, from _prepare_group to _step_group (one group at a time).
