@@ -357,14 +357,12 @@ def worker(payload_path: str, out_path: str) -> int:
     import deepspeed
     from tqdm.auto import tqdm
 
-    import hf_lars.sharding
-    from _naive_layout import naive_tensor_layouts  # recipes/ is this script's directory
+    from _naive_layout import naive_layouts  # recipes/ is this script's directory
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     payload = torch.load(payload_path, weights_only=False)
     batches, cfg = payload["batches"], payload["ds_config"]
     micro = batches.shape[1] // world
-    real_layouts = hf_lars.sharding.tensor_layouts
     results: dict[str, Any] = {}
     for opt_name, naive in payload["cases"]:
         t0 = time.perf_counter()
@@ -378,9 +376,8 @@ def worker(payload_path: str, out_path: str) -> int:
         params = list(engine.module.parameters())
         has = torch.tensor([float(getattr(p, "_hp_mapping", None) is not None) for p in params])
         dist.all_reduce(has)
-        hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
         losses = []
-        try:
+        with naive_layouts(naive):
             bar = tqdm(batches, desc=f"ZeRO-2 {_key(opt_name, naive)}", unit="step", disable=rank != 0)
             for batch in bar:
                 x = batch[rank * micro : (rank + 1) * micro]
@@ -392,8 +389,6 @@ def worker(payload_path: str, out_path: str) -> int:
                 dist.all_reduce(mean)
                 losses.append(float(mean) / world)
                 bar.set_postfix_str(f"loss={losses[-1]:.4f}")
-        finally:
-            hf_lars.sharding.tensor_layouts = real_layouts
         full = {n: p.get_full_hp_param().detach().float().clone() for n, p in engine.module.named_parameters()}
         test_loss = float("nan")
         if rank == 0:
