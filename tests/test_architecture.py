@@ -92,3 +92,18 @@ def test_without_a_resolver_the_error_says_what_to_import(monkeypatch: pytest.Mo
     flat = torch.zeros(9)
     with pytest.raises(RuntimeError, match="import hf_lars.sharding"):
         layout.resolve_layouts([flat], [torch.zeros(3, 2)], [flat])
+
+
+def test_the_readme_use_section_runs_as_written() -> None:
+    """The README's "Use" block, run on a small model with one step between its lines' objects."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Use\n\n```python\n", 1)[1].split("```", 1)[0]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    scope: dict = {"model": model}
+    exec(compile(block, "README.md#use", "exec"), scope)  # noqa: S102 - the README's own code
+    model(torch.randn(3, 4)).sum().backward()
+    scope["opt"].step()
+    scope["sched"].step()
+    assert set(scope["opt"].trust_ratios()) == {"0.weight", "2.weight"}  # biases: not adapted by AdamLARS
+    listed = block.split("hf_lars.list_optimizers()  # ", 1)[1].splitlines()[0]
+    assert repr(scope["hf_lars"].list_optimizers()) == listed
