@@ -378,6 +378,11 @@ class OnlineLrScheduler(LRScheduler):
         self._apply()
         return factor
 
+    def refresh(self) -> float:
+        """Apply the factor as it is now (after the factor object moved, e.g. a batch-size ramp's step); it."""
+        self._apply()
+        return self.factor.factor
+
     def get_last_lr(self) -> list[Any]:
         """The learning rates the optimizer uses now (the wrapped scheduler's, times the factor)."""
         return [lr * self.factor.factor for lr in self.scheduler.get_last_lr()]

@@ -32,7 +32,8 @@ USAGE = (
     "--lr_scaling surge|sgd|linear|sqrt|none, --lr_scaling_ref_batch N and --b_noise F among the script args are\n"
     "taken by hf-lars: --learning_rate (tuned at batch N) is rescaled to the run's global batch;\n"
     "--lr_scaling_online [--lr_scaling_min_factor F --lr_scaling_max_factor F --lr_scaling_smoothing F]\n"
-    "makes it follow the B_noise measured while training."
+    "makes it follow the B_noise measured while training; --batch_size_schedule S (or --batch_size_noise_k K\n"
+    "--batch_size_min N --batch_size_max N) grows the global batch during training (LarsTrainer)."
 )
 
 
@@ -75,6 +76,10 @@ _LR_SCALING_FLAGS = {
     "--lr_scaling_min_factor": float,
     "--lr_scaling_max_factor": float,
     "--lr_scaling_smoothing": float,
+    "--batch_size_schedule": str,
+    "--batch_size_noise_k": float,
+    "--batch_size_min": int,
+    "--batch_size_max": int,
 }
 _VALUELESS = {"--lr_scaling_online"}  # a bare flag means true, as HfArgumentParser reads booleans
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 from hf_lars.scaling.online import OnlineLrFactor
+from hf_lars.scaling.ramp import BatchSizeRamp, parse_batch_size_schedule
 
 __all__ = [
     "LR_SCALING_CHOICES",
@@ -39,6 +40,8 @@ __all__ = [
     "apply_lr_scaling",
     "check_lr_scaling_flags",
     "online_lr_factor",
+    "batch_size_ramp",
+    "ramp_requested",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,33 @@ class LrScalingArguments:
             "help": "With --lr_scaling_online: weight of the previous factor in a log-space average, in [0, 1) "
             "(0 follows each logged b_noise at once; b_noise itself is already an EMA)."
         },
+    )
+    batch_size_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "Grow the global batch during training by raising gradient accumulation (the micro-batch, and "
+            "so memory, stays): 'BATCH:UNTIL_STEP,...,BATCH', e.g. '256:1000,512:3000,1024' (256 for optimizer "
+            "steps 0-999, 512 until step 2999, then 1024). Batches increase, each a multiple of processes x "
+            "per_device_train_batch_size; the LR is rescaled by the --lr_scaling rule at each change. Needs "
+            "--max_steps and LarsTrainer; leave --gradient_accumulation_steps at 1."
+        },
+    )
+    batch_size_noise_k: float | None = field(
+        default=None,
+        metadata={
+            "help": "Grow the global batch to track k x B_noise measured while training (instead of a schedule): "
+            "at each logging step k x b_noise is rounded down to a multiple of processes x "
+            "per_device_train_batch_size and clamped to [--batch_size_min, --batch_size_max]; the batch never "
+            "shrinks. Needs a noise source (>= 2 processes, or --batch_size_min above one micro-batch)."
+        },
+    )
+    batch_size_min: int | None = field(
+        default=None,
+        metadata={"help": "With --batch_size_noise_k: the global batch the run starts at (its smallest)."},
+    )
+    batch_size_max: int | None = field(
+        default=None,
+        metadata={"help": "With --batch_size_noise_k: the largest global batch the ramp grows to."},
     )
 
 
@@ -189,8 +219,14 @@ def check_lr_scaling_flags(
     lr_scaling_min_factor: Any = 0.25,
     lr_scaling_max_factor: Any = 4.0,
     lr_scaling_smoothing: Any = 0.0,
+    batch_size_schedule: str | None = None,
+    batch_size_noise_k: Any = None,
+    batch_size_min: Any = None,
+    batch_size_max: Any = None,
 ) -> None:
-    """Check the ``--lr_scaling*`` / ``--b_noise`` flags without a run (at launch).
+    """Check the ``--lr_scaling*`` / ``--b_noise`` / ``--batch_size_*`` flags without a run (at launch).
+
+    What needs the run (processes, micro-batch, accumulation) is checked when the arguments are built.
 
     Raises:
         ValueError: what :func:`apply_lr_scaling` would raise for these flags, naming the flag and the fix.
@@ -201,6 +237,100 @@ def check_lr_scaling_flags(
     if lr_scaling_online:
         _online_factor(rule, lr_scaling_ref_batch, lr_scaling_ref_batch, b_noise, lr_scaling_min_factor,
                        lr_scaling_max_factor, lr_scaling_smoothing)
+    ramp = _RampFlags(batch_size_schedule, batch_size_noise_k, batch_size_min, batch_size_max)
+    if ramp.requested:
+        _check_ramp_combination(ramp, lr_scaling_online)
+        _ramp(ramp, micro_batch=1, processes=1, rule=rule, ref_batch=lr_scaling_ref_batch, b_noise=b_noise,
+              launch_batch=None)
+
+
+@dataclass(frozen=True)
+class _RampFlags:
+    schedule: Any = None
+    noise_k: Any = None
+    min_batch: Any = None
+    max_batch: Any = None
+
+    @classmethod
+    def of(cls, args: Any) -> _RampFlags:
+        return cls(*(getattr(args, name, None) for name in
+                     ("batch_size_schedule", "batch_size_noise_k", "batch_size_min", "batch_size_max")))
+
+    @property
+    def requested(self) -> bool:
+        return any(v is not None for v in (self.schedule, self.noise_k, self.min_batch, self.max_batch))
+
+
+def ramp_requested(args: Any) -> bool:
+    """Whether ``args`` ask for a batch-size ramp (any ``--batch_size_*`` flag set)."""
+    return _RampFlags.of(args).requested
+
+
+def _check_ramp_combination(ramp: _RampFlags, online: bool) -> None:
+    if ramp.schedule is not None and ramp.noise_k is not None:
+        raise ValueError("--batch_size_schedule and --batch_size_noise_k are two ways of choosing the batch: "
+                         "give one of them")
+    if ramp.schedule is None and ramp.noise_k is None:
+        raise ValueError("--batch_size_min/--batch_size_max bound the noise-driven ramp: add --batch_size_noise_k "
+                         "(or use --batch_size_schedule)")
+    if online:
+        raise ValueError("--lr_scaling_online and a batch size ramp both move the LR factor; use one: the ramp "
+                         "rescales the LR by --lr_scaling at each batch change")
+    if ramp.schedule is not None:
+        parse_batch_size_schedule(str(ramp.schedule))
+
+
+def _ramp(ramp: _RampFlags, **kwargs: Any) -> BatchSizeRamp:
+    """The :class:`BatchSizeRamp` of these flags; its errors name the ``--batch_size_*`` flags."""
+    flag = "--batch_size_schedule" if ramp.schedule is not None else "--batch_size_noise_k"
+    try:
+        if ramp.schedule is not None:
+            return BatchSizeRamp(schedule=str(ramp.schedule), **kwargs)
+        return BatchSizeRamp(noise_k=ramp.noise_k, min_batch=ramp.min_batch, max_batch=ramp.max_batch, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def batch_size_ramp(args: Any, world_size: int) -> BatchSizeRamp | None:
+    """The :class:`~hf_lars.scaling.ramp.BatchSizeRamp` the ``--batch_size_*`` flags ask for (``None``: off).
+
+    Checks what only the run knows: batches that divide into ``per_device_train_batch_size x world_size``,
+    ``--gradient_accumulation_steps`` left at 1 (the ramp sets it), ``--max_steps``, no DeepSpeed (not built
+    yet: its engine fixes accumulation at init), and for the noise-driven ramp a noise source (the
+    ``--lr_scaling_online`` check, on the starting batch).  The LR factor is relative to the batch the launch
+    LR was scaled for (``global_batch_size(args, world_size)``).
+    """
+    ramp = _RampFlags.of(args)
+    if not ramp.requested:
+        return None
+    online = bool(getattr(args, "lr_scaling_online", False))
+    _check_ramp_combination(ramp, online)
+    flag = "--batch_size_schedule" if ramp.schedule is not None else "--batch_size_noise_k"
+    accum = int(getattr(args, "gradient_accumulation_steps", 1))
+    if accum != 1:
+        raise ValueError(f"{flag} sets the gradient accumulation itself (batch / (processes x "
+                         f"per_device_train_batch_size)): drop --gradient_accumulation_steps {accum}")
+    if int(getattr(args, "max_steps", -1)) <= 0:
+        raise ValueError(f"{flag} needs --max_steps (optimizer steps): with a growing batch an epoch is no longer a "
+                         "fixed number of steps, so --num_train_epochs cannot size the run or its LR schedule")
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in (
+        "1", "true"
+    ):
+        raise ValueError(f"{flag} is not supported under DeepSpeed yet (its ZeRO optimizer fixes the gradient "
+                         "accumulation at init): use DDP, or drop the ramp")
+    if getattr(args, "auto_find_batch_size", False):
+        raise ValueError(f"{flag} keeps the micro-batch fixed; --auto_find_batch_size changes it: drop one")
+    rule = "none" if getattr(args, "lr_scaling", None) is None else str(args.lr_scaling)
+    built = _ramp(
+        ramp, micro_batch=_check_positive_int("per_device_train_batch_size", args.per_device_train_batch_size),
+        processes=_check_positive_int("world_size", world_size), rule=rule,
+        ref_batch=getattr(args, "lr_scaling_ref_batch", None), b_noise=getattr(args, "b_noise", None),
+        launch_batch=global_batch_size(args, world_size),
+    )
+    if ramp.noise_k is not None:
+        _check_noise_source(args, world_size, flag=flag, accumulation=built.accumulation,
+                            accumulation_fix="--batch_size_min of >= 2 micro-batches")
+    return built
 
 
 def _is_main_process() -> bool:
@@ -237,21 +367,27 @@ def _scaled_lr(rule: str, ref_lr: float, ref_batch: Any, batch: int, b_noise: An
     return lr
 
 
-def _check_noise_source(args: Any, world_size: int) -> None:
-    """``--lr_scaling_online`` needs the noise monitor: two batch sizes, and gradients it can see (not FSDP)."""
-    accum = int(getattr(args, "gradient_accumulation_steps", 1))
+def _check_noise_source(
+    args: Any, world_size: int, *, flag: str = "--lr_scaling_online", accumulation: int | None = None,
+    accumulation_fix: str = "--gradient_accumulation_steps >= 2",
+) -> None:
+    """``flag`` needs the noise monitor: two batch sizes, and gradients it can see (not FSDP).
+
+    ``accumulation``: the run's first (default ``args.gradient_accumulation_steps``; a ramp's starting one).
+    """
+    accum = int(getattr(args, "gradient_accumulation_steps", 1)) if accumulation is None else accumulation
     if world_size * accum < 2:
         raise ValueError(
-            "--lr_scaling_online needs the gradient noise scale, measured from two batch sizes: run on >= 2 "
-            f"data-parallel processes or with --gradient_accumulation_steps >= 2 (got {world_size} process(es) "
+            f"{flag} needs the gradient noise scale, measured from two batch sizes: run on >= 2 "
+            f"data-parallel processes or with {accumulation_fix} (got {world_size} process(es) "
             f"and gradient_accumulation_steps={accum})"
         )
     # From the arguments and the launcher's environment only: at argument parsing no Accelerate state exists
     # yet, and creating one here would pre-empt Trainer's.
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise ValueError(
-            "--lr_scaling_online needs the gradient noise scale, which cannot be measured under FSDP (the "
-            "gradient hooks see reduce-scattered shards): use DDP or DeepSpeed ZeRO, or drop --lr_scaling_online"
+            f"{flag} needs the gradient noise scale, which cannot be measured under FSDP (the "
+            f"gradient hooks see reduce-scattered shards): use DDP or DeepSpeed ZeRO, or drop {flag}"
         )
 
 
@@ -300,6 +436,7 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
     if online:
         online_lr_factor(args, world_size)  # the bounds and smoothing, before any data or model work
         _check_noise_source(args, world_size)
+    batch_size_ramp(args, world_size)  # the --batch_size_* flags, likewise
     changed = lr != float(args.learning_rate)
     args.learning_rate = lr
     object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})

@@ -31,7 +31,12 @@ from typing import Any
 
 import torch
 
-from hf_lars.integrations.lr_scaling import LrScalingArguments, apply_lr_scaling, check_lr_scaling_flags
+from hf_lars.integrations.lr_scaling import (
+    LrScalingArguments,
+    apply_lr_scaling,
+    check_lr_scaling_flags,
+    ramp_requested,
+)
 
 __all__ = [
     "LR_SCALING_FIELDS",
@@ -75,7 +80,7 @@ def set_launch_lr_scaling(
         raise ValueError(f"Unknown lr_scaling setting(s) {', '.join(unknown)}; valid: {', '.join(LR_SCALING_FIELDS)}")
     check_lr_scaling_flags(lr_scaling, lr_scaling_ref_batch, b_noise, **online)
     _LAUNCH_LR_SCALING.clear()
-    if lr_scaling != "none":
+    if lr_scaling != "none" or any(online.get(k) is not None for k in online if k.startswith("batch_size_")):
         _LAUNCH_LR_SCALING.update(
             lr_scaling=lr_scaling, lr_scaling_ref_batch=lr_scaling_ref_batch, b_noise=b_noise, **online
         )
@@ -92,7 +97,7 @@ def apply_launch_lr_scaling(args: Any) -> None:
         return
     for key, value in _LAUNCH_LR_SCALING.items():
         object.__setattr__(args, key, value)
-    if str(getattr(args, "lr_scaling", "none") or "none") != "none":
+    if str(getattr(args, "lr_scaling", "none") or "none") != "none" or ramp_requested(args):
         apply_lr_scaling(args, args.world_size)
 
 

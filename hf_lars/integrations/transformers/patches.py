@@ -27,6 +27,13 @@ what                                                           why
 ``Trainer._created_lr_scheduler``                               set when we build the scheduler, as Trainer does
 ``state.log_history[-1]`` is the current log in ``on_log``      callbacks complete it (``trainer_state.json``)
 ``Trainer.get_decay_parameter_names`` reads nothing of ``self``  Trainer's decay rule for loops without a Trainer
+``Trainer.get_batch_samples`` fetches one optimizer step's    overridden by ``LarsTrainer`` for
+micro-batches; with ``gradient_accumulation_steps=1``           ``--batch_size_schedule``: one bundle of the
+``_run_epoch`` steps once per fetched item                      ramp's micro-batches per step (:mod:`..batch_ramp`)
+``Trainer.set_initial_training_values`` returns the epochs      the ramp raises the epoch count to cover the
+to run (first of its tuple)                                     micro-batches its ``max_steps`` need
+``accelerate.state.GradientState._set_sync_gradients``          set per micro-batch inside a bundle, as Trainer
+                                                                does (DeepSpeed's boundary, the noise monitor)
 =============================================================  =================================================
 """
 
@@ -58,6 +65,7 @@ __all__ = [
     "trainer_decay_parameter_names",
     "complete_last_log_entry",
     "process_state_exists",
+    "set_sync_gradients",
 ]
 
 #: The transformers versions :func:`check_transformers_version` accepts.
@@ -85,6 +93,9 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("transformers.TrainingArguments.__annotations__", "dict"),
     ("transformers.TrainingArguments.accelerator_config", "field"),
     ("accelerate.state.PartialState._shared_state", "dict"),
+    ("transformers.Trainer.get_batch_samples", "function"),
+    ("transformers.Trainer.set_initial_training_values", "function"),
+    ("accelerate.state.GradientState._set_sync_gradients", "function"),
 )
 
 _PATCH_MARK = "__hf_lars_original__"
@@ -268,3 +279,8 @@ def process_state_exists() -> bool:
     from accelerate.state import PartialState
 
     return bool(PartialState._shared_state)
+
+
+def set_sync_gradients(accelerator: Any, sync: bool) -> None:
+    """Say whether the coming backward ends the optimizer step, as Trainer's loop does before each micro-batch."""
+    accelerator.gradient_state._set_sync_gradients(sync)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hf_lars.integrations.batch_ramp import attach_batch_ramp
 from hf_lars.integrations.online_lr import attach_online_lr_scaling
 from hf_lars.integrations.transformers.names import SCHEDULER_NAME, WARMUP_POLY_KWARGS, is_warmup_poly
 from hf_lars.integrations.transformers.patches import mark_scheduler_created
@@ -69,7 +70,8 @@ def create_scheduler(
     """``Trainer.create_scheduler``: ``warmup_poly`` built here, any other scheduler by ``fallback``.
 
     With ``--lr_scaling_online`` the scheduler is wrapped so its LRs follow the measured noise scale
-    (:func:`hf_lars.integrations.online_lr.attach_online_lr_scaling`).
+    (:func:`hf_lars.integrations.online_lr.attach_online_lr_scaling`); with a ``--batch_size_*`` ramp so they
+    follow its batch (:func:`hf_lars.integrations.batch_ramp.attach_batch_ramp`; the two exclude each other).
     """
     if trainer.lr_scheduler is None and is_warmup_poly(trainer.args.lr_scheduler_type):
         trainer.lr_scheduler = create_warmup_poly_scheduler(
@@ -82,4 +84,4 @@ def create_scheduler(
         scheduler = trainer.lr_scheduler
     else:
         scheduler = fallback(num_training_steps, optimizer)
-    return attach_online_lr_scaling(trainer, scheduler)
+    return attach_batch_ramp(trainer, attach_online_lr_scaling(trainer, scheduler))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_lars.integrations import batch_ramp
 from hf_lars.integrations.lr_scaling import LrScalingArguments, apply_lr_scaling
 from hf_lars.integrations.trust_ratios import find_trust_ratio_optimizer
 from hf_lars.integrations.transformers import factory, launch
@@ -135,3 +136,23 @@ class LarsTrainer(Trainer):
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
         return create_scheduler(self, num_training_steps, optimizer, super().create_scheduler)
+
+    # The batch-size ramp (--batch_size_schedule, --batch_size_noise_k): each optimizer step's micro-batches
+    # travel through Trainer's loop as one item (hf_lars.integrations.batch_ramp); without a ramp these are
+    # Trainer's own methods.
+    supports_batch_ramp = True
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+        return batch_ramp.ramp_batch_samples(self, epoch_iterator, num_batches, device, super().get_batch_samples)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        return batch_ramp.ramp_training_step(self, model, inputs, num_items_in_batch, super().training_step)
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[Any, ...]:
+        return batch_ramp.ramp_training_values(self, super().set_initial_training_values(args, dataloader),
+                                               dataloader)
+
+    def floating_point_ops(self, inputs: Any) -> int:
+        if isinstance(inputs, batch_ramp.MicroBatches):
+            return sum(super(LarsTrainer, self).floating_point_ops(micro) for micro in inputs)
+        return super().floating_point_ops(inputs)
