@@ -40,6 +40,7 @@ import torch
 from transformers import TrainerState
 
 from hf_lars.integrations.callbacks import TrainingLogCallback
+from hf_lars.integrations.deepspeed import set_engine_batch_size
 from hf_lars.integrations.lr_scaling import batch_size_ramp
 from hf_lars.integrations.noise_scale import add_noise_scale_callback
 from hf_lars.scaling.ramp import BatchSizeRamp
@@ -71,8 +72,11 @@ class MicroBatches(list):
 class BatchRampCallback(TrainingLogCallback):
     """Advance a :class:`BatchSizeRamp` at each optimizer step and log it (module docstring)."""
 
-    def __init__(self, scheduler: OnlineLrScheduler, ramp: BatchSizeRamp) -> None:
+    def __init__(
+        self, scheduler: OnlineLrScheduler, ramp: BatchSizeRamp, engine: Callable[[], Any] | None = None
+    ) -> None:
         self.scheduler, self.ramp = scheduler, ramp
+        self.engine = engine  # the wrapped model: a DeepSpeed engine is told each new batch
         self.fetched = 0  # micro-batches of the step in flight (set by ramp_batch_samples)
         self.pending_skip = 0  # micro-batches to drop before the first step of a resumed run
         self._logged = (ramp.batch, ramp.factor)
@@ -84,6 +88,7 @@ class BatchRampCallback(TrainingLogCallback):
                 "checkpoint's scheduler state (which carries the ramp) was not restored; resume with the same "
                 "--batch_size_* flags from a checkpoint that has it"
             )
+        self._tell_engine()
         self.pending_skip = 0
         if state.global_step == 0 or args.ignore_data_skip:
             return
@@ -101,14 +106,22 @@ class BatchRampCallback(TrainingLogCallback):
     def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
         fetched = self.fetched or self.ramp.accumulation
         self._logged = (self.ramp.batch, self.ramp.factor)
-        self.ramp.step_done(samples=fetched * self.ramp.unit, micro_batches=fetched)
+        if self.ramp.step_done(samples=fetched * self.ramp.unit, micro_batches=fetched):
+            self._tell_engine()
         self.fetched = 0
         self.scheduler.refresh()  # the next step's LR: Trainer stepped the schedule with this step's factor
+
+    def _tell_engine(self) -> None:
+        if self.engine is not None:
+            set_engine_batch_size(self.engine(), self.ramp.batch)
 
     def training_log_stats(self, state: TrainerState, logs: Mapping[str, Any], **kwargs: Any) -> dict[str, float]:
         batch, factor = self._logged
         if self.ramp.noise_k is not None:
-            self.ramp.update(logs.get("b_noise"))
+            before = self.ramp.batch
+            self.ramp.update(logs.get("b_noise"))  # the next step's batch
+            if self.ramp.batch != before:
+                self._tell_engine()
             self.scheduler.refresh()
         return {GLOBAL_BATCH_KEY: batch, "lr_factor": factor, SAMPLES_KEY: self.ramp.samples}
 
@@ -134,14 +147,11 @@ def attach_batch_ramp(trainer: Any, scheduler: Any) -> Any:
         )
     wrapped = OnlineLrScheduler(scheduler, ramp)
     trainer.lr_scheduler = wrapped
+    noise = add_noise_scale_callback(trainer) if ramp.noise_k is not None else None
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, BatchRampCallback)]
-    callback = BatchRampCallback(wrapped, ramp)
-    if ramp.noise_k is not None:
-        noise = add_noise_scale_callback(trainer)
-        callbacks.insert(callbacks.index(noise) + 1, callback)
-    else:
-        callbacks.insert(0, callback)
+    callback = BatchRampCallback(wrapped, ramp, engine=lambda: trainer.model_wrapped)
+    callbacks.insert(0 if noise is None else callbacks.index(noise) + 1, callback)  # before the report_to ones
     logger.info("hf_lars: batch size ramp %r", ramp)
     return wrapped
 

@@ -36,6 +36,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "set_engine_batch_size",
     "register",
     "unregister",
     "registered_names",
@@ -381,3 +383,19 @@ def check_config(config: Mapping[str, Any] | str | Path, *, client_optimizer: bo
                 )
     if problems:
         raise ValueError("hf_lars: this DeepSpeed config needs changes:\n  - " + "\n  - ".join(problems))
+
+
+def set_engine_batch_size(engine: Any, batch: int) -> bool:
+    """Tell a DeepSpeed engine the global batch is now ``batch``; whether ``engine`` is one.
+
+    DeepSpeed fixes ``train_batch_size`` and ``gradient_accumulation_steps`` at ``initialize``; its supported
+    way to change them is ``engine.set_train_batch_size`` (more micro-batches per step, the micro-batch kept),
+    which the batch-size ramp calls at each change.  Where the step ends is still told per micro-batch (the
+    accumulation boundary Accelerate sets from ``sync_gradients``); the engine's count keeps its samples,
+    throughput and any schedule DeepSpeed runs itself consistent with the ramp.
+    """
+    deepspeed = sys.modules.get("deepspeed")  # an engine exists only if DeepSpeed was imported
+    if deepspeed is None or not isinstance(engine, deepspeed.DeepSpeedEngine):
+        return False
+    engine.set_train_batch_size(int(batch))
+    return True

@@ -291,12 +291,21 @@ def _ramp(ramp: _RampFlags, **kwargs: Any) -> BatchSizeRamp:
         raise ValueError(f"{flag}: {err}") from None
 
 
+def _zero_offload(args: Any) -> bool:
+    """Whether the args' DeepSpeed config offloads the optimizer (its ``zero_optimization.offload_optimizer``)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if not isinstance(config, dict):
+        return False
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() not in ("none", "")
+
+
 def batch_size_ramp(args: Any, world_size: int) -> BatchSizeRamp | None:
     """The :class:`~hf_lars.scaling.ramp.BatchSizeRamp` the ``--batch_size_*`` flags ask for (``None``: off).
 
     Checks what only the run knows: batches that divide into ``per_device_train_batch_size x world_size``,
-    ``--gradient_accumulation_steps`` left at 1 (the ramp sets it), ``--max_steps``, no DeepSpeed (not built
-    yet: its engine fixes accumulation at init), and for the noise-driven ramp a noise source (the
+    ``--gradient_accumulation_steps`` left at 1 (the ramp sets it), ``--max_steps``, no ZeRO-Offload (its
+    buffers follow the accumulation fixed at init), and for the noise-driven ramp a noise source (the
     ``--lr_scaling_online`` check, on the starting batch).  The LR factor is relative to the batch the launch
     LR was scaled for (``global_batch_size(args, world_size)``).
     """
@@ -313,13 +322,15 @@ def batch_size_ramp(args: Any, world_size: int) -> BatchSizeRamp | None:
     if int(getattr(args, "max_steps", -1)) <= 0:
         raise ValueError(f"{flag} needs --max_steps (optimizer steps): with a growing batch an epoch is no longer a "
                          "fixed number of steps, so --num_train_epochs cannot size the run or its LR schedule")
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in (
-        "1", "true"
-    ):
-        raise ValueError(f"{flag} is not supported under DeepSpeed yet (its ZeRO optimizer fixes the gradient "
-                         "accumulation at init): use DDP, or drop the ramp")
+    if _zero_offload(args):
+        raise ValueError(f"{flag} cannot run under ZeRO-Offload: its CPU gradient buffers are chosen for the "
+                         "accumulation fixed at init (deepspeed/runtime/zero/stage_1_and_2.py): drop "
+                         "offload_optimizer from the DeepSpeed config, or drop the ramp")
     if getattr(args, "auto_find_batch_size", False):
         raise ValueError(f"{flag} keeps the micro-batch fixed; --auto_find_batch_size changes it: drop one")
+    if str(getattr(args, "include_num_input_tokens_seen", "no")).lower() not in ("no", "false"):
+        raise ValueError(f"{flag} does not count input tokens yet (train_samples counts examples): drop "
+                         "--include_num_input_tokens_seen")
     rule = "none" if getattr(args, "lr_scaling", None) is None else str(args.lr_scaling)
     built = _ramp(
         ramp, micro_batch=_check_positive_int("per_device_train_batch_size", args.per_device_train_batch_size),
@@ -433,10 +444,10 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
     if applied is not None and math.isclose(ref_lr, applied["lr"], rel_tol=1e-12, abs_tol=0.0):
         ref_lr = applied["ref_lr"]
     lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise, online)  # checks the rule and its values
+    batch_size_ramp(args, world_size)  # the --batch_size_* flags, before any data or model work
     if online:
-        online_lr_factor(args, world_size)  # the bounds and smoothing, before any data or model work
+        online_lr_factor(args, world_size)  # the bounds and smoothing, likewise
         _check_noise_source(args, world_size)
-    batch_size_ramp(args, world_size)  # the --batch_size_* flags, likewise
     changed = lr != float(args.learning_rate)
     args.learning_rate = lr
     object.__setattr__(args, _APPLIED_ATTR, {"ref_lr": ref_lr, "lr": lr})

@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_lars.integrations.callbacks import TrainingLogCallback, add_callback_first
 from hf_lars.integrations.distributed import sharding_engine
+from hf_lars.integrations.lr_scaling import batch_size_ramp
 from hf_lars.integrations.noise_monitor import NOISE_SCALE_KEYS, GradientNoiseScaleMonitor
 
 __all__ = [
@@ -102,7 +103,8 @@ class GradientNoiseScaleCallback(TrainingLogCallback, ExportableState):
         if model is None:
             raise ValueError("GradientNoiseScaleCallback needs the model (Trainer passes it to on_train_begin)")
         world = int(args.world_size)
-        accum = int(args.gradient_accumulation_steps)
+        ramp = batch_size_ramp(args, world)  # a batch-size ramp accumulates itself, from its first batch on
+        accum = int(args.gradient_accumulation_steps) if ramp is None else ramp.accumulation
         if world * accum < 2:
             raise ValueError(
                 "GradientNoiseScaleCallback needs two batch sizes: run on >= 2 data-parallel processes or with "

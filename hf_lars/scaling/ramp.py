@@ -255,7 +255,10 @@ class BatchSizeRamp:
         if batch == self.batch:
             return False
         self.batch = batch
-        self.changes.append((self.step, batch))
+        if self.changes[-1][0] == self.step:  # moved again before that step ran
+            self.changes[-1] = (self.step, batch)
+        else:
+            self.changes.append((self.step, batch))
         return True
 
     # ------------------------------------------------------------------------------ checkpoints

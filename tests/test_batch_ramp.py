@@ -1,0 +1,329 @@
+"""The batch-size ramp (hf_lars/scaling/ramp.py, hf_lars/integrations/batch_ramp.py).
+
+The analytic model of ``dist/ns_common`` has per-example gradient ``x_i`` whatever the weights, so plain SGD
+without clipping moves the weights by exactly ``-sum_t lr_t G_t`` with ``G_t`` the mean of the examples step
+``t`` consumed: the final weights say which examples (how many micro-batches) each step took and with which
+LR, independently of the logs, which are checked too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from dist.ns_common import DIM, GaussianData, GaussianGradModel, training_args
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from hf_lars.integrations.batch_ramp import GLOBAL_BATCH_KEY, SAMPLES_KEY, BatchRampCallback
+from hf_lars.integrations.lr_scaling import check_lr_scaling_flags
+from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback
+from hf_lars.integrations.transformers import LarsTrainer, LarsTrainingArguments
+from hf_lars.scaling.ramp import BatchSizeRamp, parse_batch_size_schedule
+from hf_lars.schedule import OnlineLrScheduler
+
+
+def _surge(batch: float, b_noise: float) -> float:
+    return 2.0 / (math.sqrt(b_noise / batch) + math.sqrt(batch / b_noise))
+
+
+# ------------------------------------------------------------------------------------------------ core
+def test_parse_schedule() -> None:
+    assert parse_batch_size_schedule("256:1000,512:3000,1024") == ((256, 1000), (512, 3000), (1024, None))
+    assert parse_batch_size_schedule(" 64 ") == ((64, None),)
+    assert parse_batch_size_schedule("8 : 2 , 16") == ((8, 2), (16, None))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "Empty batch size schedule"),
+        ("256:1000,,1024", "empty entry 2"),
+        ("256:10:20,512", "one ':' at most"),
+        ("abc:10,512", "batch 'abc' is not an integer"),
+        ("256:ten,512", "step 'ten' is not an integer"),
+        ("0:10,512", "batch must be positive"),
+        ("256:1000,512:3000", "the last entry '512:3000' must be open-ended"),
+        ("256,512", "entry '256' needs ':UNTIL_STEP'"),
+        ("512:100,256", r"batches must increase \(256 after 512\)"),
+        ("256:100,256", r"batches must increase \(256 after 256\)"),
+        ("256:100,512:100,1024", r"steps must increase \(100 after 100\)"),
+    ],
+)
+def test_parse_schedule_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        parse_batch_size_schedule(text)
+    assert "256:1000,512:3000,1024" in str(err.value) or "ramp only grows" in str(err.value) or "each entry" in str(
+        err.value)  # every message shows the format or says why
+
+
+def test_schedule_gives_batch_accumulation_and_lr_at_the_right_steps() -> None:
+    ramp = BatchSizeRamp(micro_batch=8, processes=2, schedule="16:3,32:5,64", rule="sqrt", ref_batch=16)
+    got = []
+    for _ in range(7):
+        got.append((ramp.step, ramp.batch, ramp.accumulation, ramp.factor))
+        ramp.step_done()
+    assert got == [
+        (0, 16, 1, 1.0), (1, 16, 1, 1.0), (2, 16, 1, 1.0),
+        (3, 32, 2, pytest.approx(math.sqrt(2))), (4, 32, 2, pytest.approx(math.sqrt(2))),
+        (5, 64, 4, pytest.approx(2.0)), (6, 64, 4, pytest.approx(2.0)),
+    ]
+    assert ramp.changes == [(0, 16), (3, 32), (5, 64)]
+    assert ramp.samples == 3 * 16 + 2 * 32 + 2 * 64
+    assert ramp.micro_batches == 3 * 1 + 2 * 2 + 2 * 4
+    # surge: the factor is the law's ratio to the batch the launch LR was scaled for
+    surge = BatchSizeRamp(micro_batch=8, schedule="16:1,128", rule="surge", ref_batch=64, b_noise=100.0,
+                          launch_batch=16)
+    surge.step_done()
+    assert surge.factor == pytest.approx(_surge(128, 100.0) / _surge(16, 100.0), rel=1e-12)
+    assert BatchSizeRamp(micro_batch=8, schedule="16:1,128").law(128) == 1.0  # rule none: LR untouched
+
+
+def test_steps_for_a_sample_budget() -> None:
+    ramp = BatchSizeRamp(micro_batch=1, schedule="256:1000,512:3000,1024")
+    assert ramp.steps_for_samples(256 * 1000) == 1000
+    assert ramp.steps_for_samples(256 * 1000 + 1) == 1001
+    assert ramp.steps_for_samples(256 * 1000 + 512 * 2000 + 1024 * 10) == 3010
+    walked, total = 0, 0
+    while total < 2_000_000:  # the same by walking the ramp
+        total += ramp.batch
+        ramp.step_done()
+        walked += 1
+    assert BatchSizeRamp(micro_batch=1, schedule="256:1000,512:3000,1024").steps_for_samples(2_000_000) == walked
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(schedule="16:2,24"), r"batch size schedule entry 24: not a multiple of micro-batch x processes = 16.*"
+                                   r"use 16 or 32"),
+        (dict(), "exactly one of schedule"),
+        (dict(schedule="16", noise_k=1.0), "exactly one of schedule"),
+        (dict(noise_k=1.0, min_batch=16), "needs bounds"),
+        (dict(noise_k=1.0, min_batch=32, max_batch=16), "max_batch 16 < min_batch 32"),
+        (dict(noise_k=0.0, min_batch=16, max_batch=32), "Invalid noise_k"),
+        (dict(noise_k=1.0, min_batch=16, max_batch=40), "max_batch 40: not a multiple .* use 32 or 48"),
+        (dict(schedule="16", min_batch=16), "drop --batch_size_min"),
+        (dict(schedule="16", rule="surge", ref_batch=16), "Invalid b_noise"),
+    ],
+)
+def test_ramp_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchSizeRamp(micro_batch=8, processes=2, **kwargs)
+
+
+def test_noise_driven_follows_k_b_noise_within_bounds() -> None:
+    """target = floor(k B_noise / unit) unit, clamped to [min, max]; the batch never shrinks; bad estimates
+    change nothing."""
+    ramp = BatchSizeRamp(micro_batch=4, processes=2, noise_k=0.5, min_batch=16, max_batch=96, rule="linear",
+                         ref_batch=16)
+    trajectory = [10.0, 70.0, float("nan"), 100.0, 60.0, -3.0, None, 150.0, 1e6, 50.0]
+    got = [(ramp.update(b), ramp.batch)[1] for b in trajectory]
+    expected, batch = [], 16
+    for b in trajectory:
+        if b is not None and math.isfinite(b) and b > 0:
+            batch = max(batch, min(max(int(0.5 * b // 8) * 8, 16), 96))
+        expected.append(batch)
+    assert got == expected == [16, 32, 32, 48, 48, 48, 48, 72, 96, 96]
+    assert ramp.skipped == 3 and ramp.b_noise == 50.0
+    assert ramp.factor == 96 / 16  # linear rule, launch batch = min_batch
+    ramp.step_done()
+    assert ramp.batch == 96  # steps do not move a noise-driven ramp
+    assert BatchSizeRamp(micro_batch=8, schedule="8:1,16").update(1e9) == 1.0  # a schedule ignores estimates
+
+
+def test_state_round_trip_and_mismatch() -> None:
+    ramp = BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=8, max_batch=64)
+    for b in (20.0, None, 40.0):
+        ramp.update(b)
+        ramp.step_done()
+    again = BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=8, max_batch=64)
+    again.load_state_dict(ramp.state_dict())
+    assert again.state_dict() == ramp.state_dict()
+    assert (again.batch, again.step, again.samples, again.changes) == (40, 3, 16 + 16 + 40, [(0, 16), (2, 40)])
+    other = BatchSizeRamp(micro_batch=8, noise_k=2.0, min_batch=8, max_batch=64)
+    with pytest.raises(ValueError, match=r"other settings \(noise_k: now 2.0, saved 1.0\).*same --batch_size_"):
+        other.load_state_dict(ramp.state_dict())
+
+
+def test_ramp_composes_with_a_schedule_and_checkpoints_through_it() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    ramp = BatchSizeRamp(micro_batch=8, schedule="8:1,32", rule="linear", ref_batch=8)
+    sched = OnlineLrScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t)), ramp)
+    opt.step()
+    sched.step()
+    ramp.step_done()
+    assert sched.refresh() == pytest.approx(4.0, rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 2 * 4.0)
+    resumed_ramp = BatchSizeRamp(micro_batch=8, schedule="8:1,32", rule="linear", ref_batch=8)
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    resumed = OnlineLrScheduler(torch.optim.lr_scheduler.LambdaLR(opt2, lambda t: 1.0 / (1 + t)), resumed_ramp)
+    resumed.load_state_dict(sched.state_dict())
+    assert (resumed_ramp.batch, resumed_ramp.step) == (32, 1)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+# --------------------------------------------------------------------------------------------- Trainer
+MICRO, LR = 8, 0.05
+SCHEDULE, STEPS = "8:2,16:4,32", 6
+BATCHES = [8, 8, 16, 16, 32, 32]  # the schedule's batch at steps 0..5 (one process)
+
+
+def _ramp_args(out: Path, **overrides: Any) -> dict[str, Any]:
+    kwargs = training_args(str(out), max_steps=STEPS, optim="sgd", learning_rate=LR, logging_steps=1,
+                           max_grad_norm=0.0, lr_scheduler_type="linear")
+    kwargs.update(lr_scaling="linear", lr_scaling_ref_batch=8, batch_size_schedule=SCHEDULE)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _expected_weights(x: torch.Tensor, batches: list[int], lrs: list[float]) -> torch.Tensor:
+    """-sum_t lr_t G_t, step t taking the next batches[t] examples in order (sequential sampling)."""
+    w, start = torch.zeros(DIM, dtype=torch.float64), 0
+    for batch, lr in zip(batches, lrs):
+        w -= lr * x[start : start + batch].double().mean(0)
+        start += batch
+    return w
+
+
+def _train(out: Path, data: GaussianData, resume: str | None = None, **overrides: Any) -> LarsTrainer:
+    args = LarsTrainingArguments(**_ramp_args(out, **overrides))
+    trainer = LarsTrainer(model=GaussianGradModel(), args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_trainer_schedule_takes_effect_at_the_right_steps(tmp_path) -> None:
+    data = GaussianData(200, seed=3)
+    trainer = _train(tmp_path, data)
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    expected_lrs = [LR * (1 - t / STEPS) * BATCHES[t] / 8 for t in range(STEPS)]  # linear rule from batch 8
+    assert [row["learning_rate"] for row in logs] == pytest.approx(expected_lrs, rel=1e-12)
+    assert [row[GLOBAL_BATCH_KEY] for row in logs] == BATCHES
+    assert [row["lr_factor"] for row in logs] == pytest.approx([b / 8 for b in BATCHES], rel=1e-12)
+    assert [row[SAMPLES_KEY] for row in logs] == [sum(BATCHES[: t + 1]) for t in range(STEPS)]
+    # the weights: each step took exactly its batch's micro-batches, at the logged LR
+    expected = _expected_weights(data.x, BATCHES, expected_lrs)
+    assert torch.allclose(trainer.model.w.detach().double(), expected, rtol=1e-6, atol=1e-8)
+    assert isinstance(trainer.lr_scheduler, OnlineLrScheduler)
+    assert trainer.args.gradient_accumulation_steps == 1  # Trainer's own stays 1: the ramp bundles
+
+
+def test_trainer_ramp_spans_epochs(tmp_path) -> None:
+    """Data for fewer steps than max_steps at the ramp's batches: Trainer runs enough epochs (the count it
+    computes from one micro-batch per step would stop at step 3); each epoch's last step takes what is left."""
+    data = GaussianData(40, seed=4)  # 5 micro-batches an epoch
+    trainer = _train(tmp_path, data)
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in logs] == list(range(1, STEPS + 1))
+    # epoch 1: 8, 8, 16, then the last micro-batch (8 of 16); epoch 2: 32, then the last one (8 of 32)
+    assert [row[SAMPLES_KEY] for row in logs] == [8, 16, 32, 40, 72, 80]
+    w, lrs = torch.zeros(DIM, dtype=torch.float64), [LR * (1 - t / STEPS) * BATCHES[t] / 8 for t in range(STEPS)]
+    for lr, (start, stop) in zip(lrs, [(0, 8), (8, 16), (16, 32), (32, 40), (0, 32), (32, 40)]):
+        w -= lr * data.x[start:stop].double().mean(0)
+    assert torch.allclose(trainer.model.w.detach().double(), w, rtol=1e-6, atol=1e-8)
+
+
+def test_trainer_resume_mid_ramp_is_bitwise(tmp_path) -> None:
+    """Saved at step 3 (inside the 16 phase, after the 8 -> 16 change) and resumed: the same weights, LRs and
+    batches as the uninterrupted run, bit for bit (scheduler.pt carries the ramp, the data position is the
+    ramp's micro-batch count, not Trainer's one per step)."""
+    data = GaussianData(200, seed=5)
+    straight = _train(tmp_path / "a", data, save_strategy="steps", save_steps=3)
+    resumed = _train(tmp_path / "b", data, resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert torch.equal(straight.model.w.detach(), resumed.model.w.detach())
+    rows = lambda t: [(r["step"], r["learning_rate"], r[GLOBAL_BATCH_KEY], r[SAMPLES_KEY])  # noqa: E731
+                      for r in t.state.log_history if "loss" in r]
+    assert rows(resumed)[-3:] == rows(straight)[3:]
+    assert [r[0] for r in rows(resumed)][-3:] == [4, 5, 6]
+
+
+def test_switched_off_is_bitwise_trainer(tmp_path) -> None:
+    """LarsTrainer without --batch_size_* flags (its get_batch_samples/training_step overrides in the loop) is
+    bit for bit the stock Trainer with gradient accumulation."""
+    data = GaussianData(200, seed=6)
+    common = training_args(str(tmp_path / "x"), max_steps=4, optim="sgd", learning_rate=LR, logging_steps=1,
+                           gradient_accumulation_steps=2, max_grad_norm=0.0, lr_scheduler_type="linear")
+    ours = LarsTrainer(model=GaussianGradModel(), args=LarsTrainingArguments(**common), train_dataset=data)
+    ours.train()
+    stock = Trainer(model=GaussianGradModel(), args=TrainingArguments(**common), train_dataset=data)
+    stock.train()
+    assert torch.equal(ours.model.w.detach(), stock.model.w.detach())
+    assert not any(isinstance(cb, BatchRampCallback) for cb in ours.callback_handler.callbacks)
+    assert all(GLOBAL_BATCH_KEY not in row for row in ours.state.log_history)
+    assert not isinstance(ours.lr_scheduler, OnlineLrScheduler)
+
+
+def test_trainer_noise_driven_follows_the_logged_b_noise(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise callback's b_noise (injected) sets the next step's batch: floor(k b / 8) 8 within bounds."""
+    injected = [10.0, 40.0, None, 70.0, 100.0, 20.0]
+    feed = iter(injected)
+
+    def stats(self, state, logs, **kwargs):
+        self.monitor.compute()  # the monitor still runs over the bundles
+        value = next(feed)
+        return {} if value is None else {"b_noise": value}
+
+    monkeypatch.setattr(GradientNoiseScaleCallback, "training_log_stats", stats)
+    data = GaussianData(400, seed=7)
+    trainer = _train(tmp_path, data, batch_size_schedule=None, batch_size_noise_k=0.5, batch_size_min=16,
+                     batch_size_max=40)
+    batch, batches = 16, []
+    for b in injected:
+        batches.append(batch)
+        if b is not None:
+            batch = max(batch, min(max(int(0.5 * b // 8) * 8, 16), 40))
+    assert batches == [16, 16, 16, 16, 32, 40]
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row[GLOBAL_BATCH_KEY] for row in logs] == batches
+    # launch LR scaled (linear, ref 8) to the launch batch 8 = one micro-batch: lr_t = LR (1 - t/T) B_t / 8
+    expected_lrs = [LR * (1 - t / STEPS) * b / 8 for t, b in enumerate(batches)]
+    assert [row["learning_rate"] for row in logs] == pytest.approx(expected_lrs, rel=1e-12)
+    expected = _expected_weights(data.x, batches, expected_lrs)
+    assert torch.allclose(trainer.model.w.detach().double(), expected, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------ argument errors
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(batch_size_schedule="8:2,12"), "--batch_size_schedule: Invalid batch size schedule entry 12: not a "
+                                             "multiple of micro-batch x processes = 8"),
+        (dict(batch_size_schedule="16:2,8"), r"batches must increase \(8 after 16\)"),
+        (dict(batch_size_schedule="8:x"), "step 'x' is not an integer"),
+        (dict(gradient_accumulation_steps=2), "sets the gradient accumulation itself.*drop "
+                                              "--gradient_accumulation_steps 2"),
+        (dict(max_steps=-1, num_train_epochs=1), "needs --max_steps"),
+        (dict(batch_size_noise_k=1.0), "two ways of choosing the batch"),
+        (dict(batch_size_schedule=None, batch_size_max=64), "add --batch_size_noise_k"),
+        (dict(batch_size_schedule=None, batch_size_noise_k=1.0, batch_size_min=8, batch_size_max=64),
+         "--batch_size_noise_k needs the gradient noise scale.*--batch_size_min of >= 2 micro-batches"),
+        (dict(lr_scaling="surge", b_noise=None, lr_scaling_online=True), "both move the LR factor; use one"),
+        (dict(auto_find_batch_size=True), "--auto_find_batch_size changes it"),
+    ],
+)
+def test_bad_ramp_flags_fail_when_the_arguments_are_built(tmp_path, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LarsTrainingArguments(**_ramp_args(tmp_path, **overrides))
+
+
+def test_registered_parser_takes_the_flags_and_plain_trainer_is_refused(tmp_path, registered) -> None:
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--batch_size_schedule", "8:1,16"]
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
+    assert args.batch_size_schedule == "8:1,16"
+    with pytest.raises(ValueError, match="not a multiple"):
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv[:-1] + ["8:1,20"])
+    trainer = Trainer(model=GaussianGradModel(), args=args, train_dataset=GaussianData(64))
+    with pytest.raises(ValueError, match="needs LarsTrainer.*use hf_lars.LarsTrainer"):
+        trainer.train()
+
+
+def test_check_flags_for_the_launcher() -> None:
+    check_lr_scaling_flags("none", batch_size_schedule="256:10,512")
+    with pytest.raises(ValueError, match="batches must increase"):
+        check_lr_scaling_flags("none", batch_size_schedule="512:10,256")
+    with pytest.raises(ValueError, match="Invalid noise_k"):
+        check_lr_scaling_flags("none", batch_size_noise_k=-1.0, batch_size_min=8, batch_size_max=16)
