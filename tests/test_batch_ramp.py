@@ -285,6 +285,32 @@ def test_trainer_noise_driven_follows_the_logged_b_noise(tmp_path, monkeypatch: 
     assert torch.allclose(trainer.model.w.detach().double(), expected, rtol=1e-6, atol=1e-8)
 
 
+# ------------------------------------------------------------------------------------ DDP and ZeRO
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_two_processes_ramp_at_the_right_steps(mode: str) -> None:
+    """LarsTrainer on 2 gloo processes (DDP; DeepSpeed ZeRO-2): the batch changes at steps 2 and 4 (logged, and
+    under DeepSpeed the engine's train_batch_size / accumulation follow through set_train_batch_size), the
+    optimizer steps with the linear rule's LR, and the weights moved by exactly -sum_t lr_t G_t with G_t
+    the mean of the step's batch_t examples."""
+    from dist.launch import torchrun
+    from dist.ramp_dist import BATCHES, LR, MICRO
+
+    run = torchrun("ramp_dist.py", "--mode", mode)
+    world = run["world"]
+    assert world == 2 and run["accumulation_arg"] == 1
+    assert run["global_batches"] == BATCHES
+    assert run["samples"] == [sum(BATCHES[: t + 1]) for t in range(STEPS)]
+    expected_lrs = [LR * (1 - t / STEPS) * b / (MICRO * world) for t, b in enumerate(BATCHES)]
+    assert run["lrs"] == pytest.approx(expected_lrs, rel=1e-12)
+    assert run["logged_lrs"] == pytest.approx(expected_lrs, rel=1e-12)
+    if mode.startswith("zero"):
+        assert run["engine_batches"] == [[b, b // (MICRO * world)] for b in BATCHES]
+    means = torch.tensor(run["step_means"], dtype=torch.float64)
+    expected_w = -(torch.tensor(expected_lrs, dtype=torch.float64)[:, None] * means).sum(0)
+    assert torch.allclose(torch.tensor(run["weights"], dtype=torch.float64), expected_w, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------ argument errors
 @pytest.mark.parametrize(
     "overrides, message",
