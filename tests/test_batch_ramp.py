@@ -311,6 +311,43 @@ def test_two_processes_ramp_at_the_right_steps(mode: str) -> None:
     assert torch.allclose(torch.tensor(run["weights"], dtype=torch.float64), expected_w, rtol=1e-5, atol=1e-7)
 
 
+# ------------------------------------------------------------------------------------------ Accelerate
+def test_accelerate_loop_follows_the_ramp() -> None:
+    """RampedAccumulation: each step takes the ramp's micro-batches (sync only on the last), the prepared
+    scheduler steps once per step, the LR follows the linear rule, and the weights are exactly -sum lr_t G_t."""
+    from accelerate import Accelerator
+
+    from hf_lars.integrations.accelerate import RampedAccumulation
+
+    accelerator = Accelerator(cpu=True)
+    model = GaussianGradModel()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ramp = BatchSizeRamp(micro_batch=MICRO, schedule=SCHEDULE, rule="linear", ref_batch=8)
+    online = OnlineLrScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / STEPS), ramp)
+    data = GaussianData(200, seed=8)
+    loader = torch.utils.data.DataLoader(data, batch_size=MICRO)
+    model, opt, loader, scheduler = accelerator.prepare(model, opt, loader, online)
+    ramped, batches = RampedAccumulation(accelerator, model, ramp, online), iter(loader)
+    lrs, syncs = [], []
+    for _ in range(STEPS):
+        step_syncs = []
+        for batch in ramped.micro_batches(batches):
+            step_syncs.append(accelerator.sync_gradients)
+            accelerator.backward(model(batch["x"])["loss"] / ramped.fetched)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+        opt.zero_grad()
+        ramped.step_done()
+        syncs.append(step_syncs)
+    assert syncs == [[True], [True], [False, True], [False, True], [False] * 3 + [True], [False] * 3 + [True]]
+    expected_lrs = [LR * (1 - t / STEPS) * BATCHES[t] / 8 for t in range(STEPS)]
+    assert lrs == pytest.approx(expected_lrs, rel=1e-12)
+    assert (ramp.step, ramp.samples) == (STEPS, sum(BATCHES))
+    expected = _expected_weights(data.x, BATCHES, expected_lrs)
+    assert torch.allclose(model.w.detach().double(), expected, rtol=1e-6, atol=1e-8)
+
+
 # ------------------------------------------------------------------------------------ argument errors
 @pytest.mark.parametrize(
     "overrides, message",

@@ -13,6 +13,21 @@
             stats = trust_log.log(optimizer, step)        # {"trust_ratio_min": ..., ...}; reads tensors only now
             accelerator.log({"loss": loss, **stats}, step=step)
 
+A batch-size ramp (:class:`hf_lars.scaling.ramp.BatchSizeRamp`: the global batch grows by accumulation) in
+the same loop, with :class:`RampedAccumulation` instead of ``accelerator.accumulate`` (which fixes the
+accumulation when the ``Accelerator`` is built)::
+
+    ramp = BatchSizeRamp(micro_batch=8, processes=accelerator.num_processes, schedule="64:1000,128",
+                         rule="surge", ref_batch=256, b_noise=900, launch_batch=64)
+    online = OnlineLrScheduler(scheduler, ramp)              # the LR follows the ramp's batch by the rule
+    model, optimizer, train_dl, prepared = accelerator.prepare(model, optimizer, train_dl, online)
+    ramped, batches = RampedAccumulation(accelerator, model, ramp, online), iter(train_dl)
+    for step in range(max_steps):
+        for batch in ramped.micro_batches(batches):           # ramp.accumulation of them
+            accelerator.backward(model(**batch).loss / ramped.fetched)
+        optimizer.step(); prepared.step(); optimizer.zero_grad()
+        ramped.step_done()                                    # counts the step, next batch's LR (and engine)
+
 The optimizer is built from the registry (:func:`hf_lars.create_optimizer`: named ``(name, tensor)`` groups,
 biases and norm weights in a no-decay group marked ``excluded``: no weight decay, and the trust ratio only if
 the optimizer's ``adapt_excluded`` says so), the schedule by
@@ -22,19 +37,23 @@ keeps working once DeepSpeed has wrapped the optimizer.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_lars.integrations.deepspeed import resolve_accelerate_config_env
+from hf_lars.integrations.deepspeed import resolve_accelerate_config_env, set_engine_batch_size
 from hf_lars.integrations.distributed import init_cpu_distributed_state, is_sharded, refuse_fsdp1
 from hf_lars.integrations.trust_ratios import TrustRatioLogger
 from hf_lars.registry import create_optimizer
 
 __all__ = [
     "create_optimizer_and_scheduler",
+    "RampedAccumulation",
     "TrustRatioLogger",
     "is_sharded",
     "init_cpu_distributed_state",
@@ -86,3 +105,43 @@ def create_optimizer_and_scheduler(
         lr_end=lr_end, warmup=warmup, warmup_start=warmup_start,
     )
     return optimizer, scheduler
+
+
+class RampedAccumulation:
+    """Gradient accumulation that follows a :class:`~hf_lars.scaling.ramp.BatchSizeRamp` in an Accelerate loop.
+
+    :meth:`micro_batches` takes the step's ``ramp.accumulation`` micro-batches from an iterator (fewer at its
+    end: :attr:`fetched` says how many) and yields them with the gradient sync off (``accelerator.no_sync``)
+    and Accelerate's ``sync_gradients`` false for all but the last, as ``accelerator.accumulate`` does for a
+    fixed count (so a prepared optimizer and scheduler step once, and DeepSpeed sees the step's end).
+    :meth:`step_done` counts the step in the ramp, tells a DeepSpeed engine a new batch
+    (:func:`~hf_lars.integrations.deepspeed.set_engine_batch_size`) and applies the next step's LR factor to
+    ``scheduler`` (the :class:`~hf_lars.schedule.OnlineLrScheduler` around the ramp, before ``prepare``).
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, ramp: Any, scheduler: Any = None) -> None:
+        self.accelerator, self.model, self.ramp, self.scheduler = accelerator, model, ramp, scheduler
+        self.fetched = 0
+
+    def micro_batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        from hf_lars.integrations.transformers.patches import set_sync_gradients
+
+        step = list(itertools.islice(batches, self.ramp.accumulation))
+        self.fetched = len(step)
+        for i, batch in enumerate(step):
+            last = i == len(step) - 1
+            set_sync_gradients(self.accelerator, last)
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                yield batch
+
+    def step_done(self) -> bool:
+        """Count the step (its :attr:`fetched` micro-batches on each process); whether the batch changed."""
+        fetched = self.fetched or self.ramp.accumulation
+        changed = self.ramp.step_done(samples=fetched * self.ramp.unit, micro_batches=fetched)
+        if changed:
+            wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+            set_engine_batch_size(getattr(wrapped, "engine", None), self.ramp.batch)
+        if self.scheduler is not None:
+            self.scheduler.refresh()
+        self.fetched = 0
+        return changed
