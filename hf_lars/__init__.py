@@ -35,6 +35,7 @@ _LAZY = {
     "GradientNoiseScaleCallback": "hf_lars.integrations.noise_scale",
     "OnlineLrFactor": "hf_lars.scaling.online",
     "OnlineLrScheduler": "hf_lars.schedule",
+    "BatchSizeRamp": "hf_lars.scaling.ramp",
 }
 
 

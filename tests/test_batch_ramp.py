@@ -390,3 +390,22 @@ def test_check_flags_for_the_launcher() -> None:
         check_lr_scaling_flags("none", batch_size_schedule="512:10,256")
     with pytest.raises(ValueError, match="Invalid noise_k"):
         check_lr_scaling_flags("none", batch_size_noise_k=-1.0, batch_size_min=8, batch_size_max=16)
+
+
+def test_hf_lars_run_takes_the_ramp_flags(tmp_path, registered) -> None:
+    """`hf-lars run`'s flag list is LrScalingArguments' fields; a ramp without --lr_scaling reaches every
+    TrainingArguments built afterwards, checked against the run there."""
+    from hf_lars.commands.run import _take_lr_scaling_flags
+    from hf_lars.integrations.transformers import set_launch_lr_scaling
+
+    rest, found = _take_lr_scaling_flags(["--batch_size_schedule", "8:1,16", "--x", "1"])
+    assert (rest, found) == (["--x", "1"], {"batch_size_schedule": "8:1,16"})
+    set_launch_lr_scaling(**found)
+    try:
+        args = TrainingArguments(**training_args(str(tmp_path), max_steps=2))
+        assert args.batch_size_schedule == "8:1,16"
+        with pytest.raises(ValueError, match="not a multiple of micro-batch x processes = 16"):
+            TrainingArguments(**training_args(str(tmp_path), max_steps=2, per_device_train_batch_size=16))
+    finally:
+        set_launch_lr_scaling("none")
+    assert TrainingArguments(**training_args(str(tmp_path), max_steps=2)).batch_size_schedule is None

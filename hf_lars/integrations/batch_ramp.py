@@ -43,6 +43,7 @@ from hf_lars.integrations.callbacks import TrainingLogCallback
 from hf_lars.integrations.deepspeed import set_engine_batch_size
 from hf_lars.integrations.lr_scaling import batch_size_ramp
 from hf_lars.integrations.noise_scale import add_noise_scale_callback
+from hf_lars.integrations.online_lr import LR_FACTOR_KEY
 from hf_lars.scaling.ramp import BatchSizeRamp
 from hf_lars.schedule import OnlineLrScheduler
 
@@ -123,7 +124,7 @@ class BatchRampCallback(TrainingLogCallback):
             if self.ramp.batch != before:
                 self._tell_engine()
             self.scheduler.refresh()
-        return {GLOBAL_BATCH_KEY: batch, "lr_factor": factor, SAMPLES_KEY: self.ramp.samples}
+        return {GLOBAL_BATCH_KEY: batch, LR_FACTOR_KEY: factor, SAMPLES_KEY: self.ramp.samples}
 
 
 def find_batch_ramp(trainer: Any) -> BatchRampCallback | None:

@@ -14,6 +14,9 @@ Pieces:
   subclass or to parse with ``HfArgumentParser`` next to it;
 - :func:`global_batch_size`, :func:`apply_lr_scaling`: the Trainer side (sets ``args.learning_rate``,
   idempotent, refreshes a DeepSpeed config whose ``"auto"`` LRs were filled from the unscaled value).
+- :func:`batch_size_ramp`: the :class:`~hf_lars.scaling.ramp.BatchSizeRamp` of the ``--batch_size_*`` flags,
+  checked against the run (``apply_lr_scaling`` calls it at argument parsing; the Trainer side is
+  :mod:`hf_lars.integrations.batch_ramp`).
 
 Accelerate and hand-written loops call :func:`hf_lars.scaling.scaled_lr` itself::
 
@@ -54,7 +57,7 @@ _APPLIED_ATTR = "_hf_lars_lr_scaling"
 
 @dataclass
 class LrScalingArguments:
-    """Command-line fields of the launch-time LR rescaling (compose into a ``TrainingArguments`` subclass)."""
+    """Command-line fields of the LR rescaling and the batch-size ramp (compose into ``TrainingArguments``)."""
 
     lr_scaling: str = field(
         default="none",

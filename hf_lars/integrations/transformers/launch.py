@@ -15,7 +15,8 @@ before any data or model work:
 - ``--optim_args`` of an hf_lars ``--optim`` parsed by the one parser that builds the optimizer
   (:func:`~hf_lars.integrations.transformers.factory.optimizer_cls_and_kwargs`), and the optimizer's own
   range checks run on a dummy tensor.
-- ``--lr_scaling``, ``--lr_scaling_ref_batch``, ``--b_noise``: fields added to ``TrainingArguments`` at
+- ``--lr_scaling``, ``--lr_scaling_ref_batch``, ``--b_noise`` (and the ``--lr_scaling_online`` and
+  ``--batch_size_*`` ones, all of :class:`LrScalingArguments`): fields added to ``TrainingArguments`` at
   ``register()`` (:func:`add_lr_scaling_fields`), or set by ``hf-lars run`` for the whole launch
   (:func:`set_launch_lr_scaling`); ``--learning_rate`` is then the reference LR.
   :class:`LarsTrainingArguments` carries the fields itself and is left alone.
@@ -63,13 +64,15 @@ _LAUNCH_LR_SCALING: dict[str, Any] = {}
 
 
 def set_launch_lr_scaling(
-    lr_scaling: str, lr_scaling_ref_batch: int | None = None, b_noise: float | None = None, **online: Any
+    lr_scaling: str = "none", lr_scaling_ref_batch: int | None = None, b_noise: float | None = None, **online: Any
 ) -> None:
     """Rescale the LR of every ``TrainingArguments`` built from now on (after ``register()``).
 
-    ``lr_scaling="none"`` turns it off.  ``online`` takes the ``lr_scaling_online`` fields
-    (``lr_scaling_online``, ``lr_scaling_min_factor``, ``lr_scaling_max_factor``, ``lr_scaling_smoothing``).
-    The rule and its required values are checked now.
+    ``lr_scaling="none"`` turns it off (unless a batch-size ramp is set).  ``online`` takes the other
+    :class:`LrScalingArguments` fields: the ``lr_scaling_online`` ones (``lr_scaling_online``,
+    ``lr_scaling_min_factor``, ``lr_scaling_max_factor``, ``lr_scaling_smoothing``) and the ramp's
+    (``batch_size_schedule``, ``batch_size_noise_k``, ``batch_size_min``, ``batch_size_max``).  The rule, its
+    required values and what can be checked of the ramp without a run are checked now.
 
     Raises:
         ValueError: an unknown rule or field, a missing or non-positive ``lr_scaling_ref_batch``, a missing

@@ -13,7 +13,8 @@ registry name for ``optim`` and ``warmup_poly`` for ``lr_scheduler_type``:
   any schedule for ``--lr_scaling_online``
   (:func:`~hf_lars.integrations.transformers.scheduler.create_scheduler`).
 - ``TrainingArguments`` gets the fields ``lr_scaling``, ``lr_scaling_ref_batch`` and ``b_noise`` (so
-  ``HfArgumentParser(TrainingArguments)`` takes ``--lr_scaling``), and its ``__post_init__`` runs
+  ``HfArgumentParser(TrainingArguments)`` takes ``--lr_scaling``; also the ``--lr_scaling_online`` and
+  ``--batch_size_*`` ones; the ramp itself runs in ``LarsTrainer`` only), and its ``__post_init__`` runs
   :mod:`.launch`'s checks and set-up around the original: ``--deepspeed NAME`` for a shipped config, the gloo
   process state of a multi-process CPU DeepSpeed launch, ``--optim_args`` and ``--lr_scaling`` validated
   before any data or model work.

@@ -117,7 +117,10 @@ class LarsTrainer(Trainer):
     :func:`~hf_lars.integrations.register`) it creates the optimizer like the patched ``Trainer``: Trainer's
     decay / no-decay split as named groups, the no-decay group not adapted.  A ``TrustRatioCallback`` is added
     whenever the optimizer is an hf_lars one, including one passed in ``optimizers=(optimizer, scheduler)``.
-    Any other ``optim``/scheduler behaves exactly as in ``Trainer``.
+    Any other ``optim``/scheduler behaves exactly as in ``Trainer``.  With ``--batch_size_schedule`` or
+    ``--batch_size_noise_k`` it runs the batch-size ramp (:mod:`hf_lars.integrations.batch_ramp`: each step's
+    micro-batches through ``get_batch_samples``/``training_step`` as one item); without, those methods are
+    Trainer's.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
