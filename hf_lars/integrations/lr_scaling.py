@@ -34,7 +34,7 @@ from typing import Any
 
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 from hf_lars.scaling.online import OnlineLrFactor
-from hf_lars.scaling.ramp import BatchSizeRamp, parse_batch_size_schedule
+from hf_lars.scaling.ramp import BatchSizeRamp
 
 __all__ = [
     "LR_SCALING_CHOICES",
@@ -279,8 +279,6 @@ def _check_ramp_combination(ramp: _RampFlags, online: bool) -> None:
     if online:
         raise ValueError("--lr_scaling_online and a batch size ramp both move the LR factor; use one: the ramp "
                          "rescales the LR by --lr_scaling at each batch change")
-    if ramp.schedule is not None:
-        parse_batch_size_schedule(str(ramp.schedule))
 
 
 def _ramp(ramp: _RampFlags, **kwargs: Any) -> BatchSizeRamp:
