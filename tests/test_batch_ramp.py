@@ -343,15 +343,16 @@ def test_constant_ramp_is_stock_accumulation_on_a_causal_lm(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ DDP and ZeRO
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "zero2"])
-def test_two_processes_ramp_at_the_right_steps(mode: str) -> None:
+def test_two_processes_ramp_at_the_right_steps_and_resume(mode: str, tmp_path) -> None:
     """LarsTrainer on 2 gloo processes (DDP; DeepSpeed ZeRO-2): the batch changes at steps 2 and 4 (logged, and
     under DeepSpeed the engine's train_batch_size / accumulation follow through set_train_batch_size), the
     optimizer steps with the linear rule's LR, and the weights moved by exactly -sum_t lr_t G_t with G_t
-    the mean of the step's batch_t examples."""
+    the mean of the step's batch_t examples; resumed from the mid-ramp checkpoint of step 3, the run ends
+    with the same weights, bit for bit, and the same LRs, batches and samples."""
     from dist.launch import torchrun
     from dist.ramp_dist import BATCHES, LR, MICRO
 
-    run = torchrun("ramp_dist.py", "--mode", mode)
+    run = torchrun("ramp_dist.py", "--mode", mode, "--dir", str(tmp_path))
     world = run["world"]
     assert world == 2 and run["accumulation_arg"] == 1
     assert run["global_batches"] == BATCHES
@@ -364,6 +365,10 @@ def test_two_processes_ramp_at_the_right_steps(mode: str) -> None:
     means = torch.tensor(run["step_means"], dtype=torch.float64)
     expected_w = -(torch.tensor(expected_lrs, dtype=torch.float64)[:, None] * means).sum(0)
     assert torch.allclose(torch.tensor(run["weights"], dtype=torch.float64), expected_w, rtol=1e-5, atol=1e-7)
+    resumed = run["resumed"] if mode == "ddp" else torchrun("ramp_dist.py", "--mode", mode, "--dir", str(tmp_path),
+                                                           "--resume")
+    assert resumed["weights"] == run["weights"]  # bitwise: float64 lists of the same float32 values
+    assert resumed["rows"] == run["rows"] and [r[0] for r in resumed["rows"]] == [4, 5, 6]
 
 
 # ------------------------------------------------------------------------------------------ Accelerate
