@@ -21,7 +21,7 @@ from hf_lars.integrations.batch_ramp import GLOBAL_BATCH_KEY, SAMPLES_KEY, Batch
 from hf_lars.integrations.lr_scaling import check_lr_scaling_flags
 from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback
 from hf_lars.integrations.transformers import LarsTrainer, LarsTrainingArguments
-from hf_lars.scaling.ramp import BatchSizeRamp, parse_batch_size_schedule
+from hf_lars.scaling.ramp import BatchSizeRamp, count_examples, parse_batch_size_schedule
 from hf_lars.schedule import OnlineLrScheduler
 
 
@@ -134,6 +134,13 @@ def test_noise_driven_follows_k_b_noise_within_bounds() -> None:
     assert BatchSizeRamp(micro_batch=8, schedule="8:1,16").update(1e9) == 1.0  # a schedule ignores estimates
 
 
+def test_count_examples() -> None:
+    assert count_examples(torch.zeros(5, 3), 8) == 5
+    assert count_examples({"meta": "x", "input_ids": torch.zeros(3, 16), "labels": torch.zeros(3, 16)}, 8) == 3
+    assert count_examples((torch.zeros(()), torch.zeros(2, 7)), 8) == 2
+    assert count_examples({"n": 1}, 8) == 8 and count_examples(torch.zeros(()), 8) == 8  # nothing to count
+
+
 def test_state_round_trip_and_mismatch() -> None:
     ramp = BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=8, max_batch=64)
     for b in (20.0, None, 40.0):
@@ -214,14 +221,14 @@ def test_trainer_schedule_takes_effect_at_the_right_steps(tmp_path) -> None:
 def test_trainer_ramp_spans_epochs(tmp_path) -> None:
     """Data for fewer steps than max_steps at the ramp's batches: Trainer runs enough epochs (the count it
     computes from one micro-batch per step would stop at step 3); each epoch's last step takes what is left."""
-    data = GaussianData(40, seed=4)  # 5 micro-batches an epoch
+    data = GaussianData(36, seed=4)  # 5 micro-batches an epoch, the last one of 4 examples
     trainer = _train(tmp_path, data)
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert [row["step"] for row in logs] == list(range(1, STEPS + 1))
-    # epoch 1: 8, 8, 16, then the last micro-batch (8 of 16); epoch 2: 32, then the last one (8 of 32)
-    assert [row[SAMPLES_KEY] for row in logs] == [8, 16, 32, 40, 72, 80]
+    # epoch 1: 8, 8, 16, then the short last micro-batch (4 of 16); epoch 2: 32, then the last one (4 of 32)
+    assert [row[SAMPLES_KEY] for row in logs] == [8, 16, 32, 36, 68, 72]
     w, lrs = torch.zeros(DIM, dtype=torch.float64), [LR * (1 - t / STEPS) * BATCHES[t] / 8 for t in range(STEPS)]
-    for lr, (start, stop) in zip(lrs, [(0, 8), (8, 16), (16, 32), (32, 40), (0, 32), (32, 40)]):
+    for lr, (start, stop) in zip(lrs, [(0, 8), (8, 16), (16, 32), (32, 36), (0, 32), (32, 36)]):
         w -= lr * data.x[start:stop].double().mean(0)
     assert torch.allclose(trainer.model.w.detach().double(), w, rtol=1e-6, atol=1e-8)
 

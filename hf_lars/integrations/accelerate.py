@@ -50,6 +50,7 @@ from hf_lars.integrations.deepspeed import resolve_accelerate_config_env, set_en
 from hf_lars.integrations.distributed import init_cpu_distributed_state, is_sharded, refuse_fsdp1
 from hf_lars.integrations.trust_ratios import TrustRatioLogger
 from hf_lars.registry import create_optimizer
+from hf_lars.scaling.ramp import count_examples
 
 __all__ = [
     "create_optimizer_and_scheduler",
@@ -121,13 +122,14 @@ class RampedAccumulation:
 
     def __init__(self, accelerator: Any, model: nn.Module, ramp: Any, scheduler: Any = None) -> None:
         self.accelerator, self.model, self.ramp, self.scheduler = accelerator, model, ramp, scheduler
-        self.fetched = 0
+        self.fetched = self.fetched_examples = 0  # the step's micro-batches on this process, their examples
 
     def micro_batches(self, batches: Iterator[Any]) -> Iterator[Any]:
         from hf_lars.integrations.transformers.patches import set_sync_gradients
 
         step = list(itertools.islice(batches, self.ramp.accumulation))
         self.fetched = len(step)
+        self.fetched_examples = sum(count_examples(b, self.ramp.micro_batch) for b in step)
         for i, batch in enumerate(step):
             last = i == len(step) - 1
             set_sync_gradients(self.accelerator, last)
@@ -137,11 +139,12 @@ class RampedAccumulation:
     def step_done(self) -> bool:
         """Count the step (its :attr:`fetched` micro-batches on each process); whether the batch changed."""
         fetched = self.fetched or self.ramp.accumulation
-        changed = self.ramp.step_done(samples=fetched * self.ramp.unit, micro_batches=fetched)
+        examples = self.fetched_examples or fetched * self.ramp.micro_batch
+        changed = self.ramp.step_done(samples=examples * self.ramp.processes, micro_batches=fetched)
         if changed:
             wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
             set_engine_batch_size(getattr(wrapped, "engine", None), self.ramp.batch)
         if self.scheduler is not None:
             self.scheduler.refresh()
-        self.fetched = 0
+        self.fetched = self.fetched_examples = 0
         return changed

@@ -44,7 +44,7 @@ from hf_lars.integrations.deepspeed import set_engine_batch_size
 from hf_lars.integrations.lr_scaling import batch_size_ramp
 from hf_lars.integrations.noise_scale import add_noise_scale_callback
 from hf_lars.integrations.online_lr import LR_FACTOR_KEY
-from hf_lars.scaling.ramp import BatchSizeRamp
+from hf_lars.scaling.ramp import BatchSizeRamp, count_examples
 from hf_lars.schedule import OnlineLrScheduler
 
 __all__ = [
@@ -78,7 +78,8 @@ class BatchRampCallback(TrainingLogCallback):
     ) -> None:
         self.scheduler, self.ramp = scheduler, ramp
         self.engine = engine  # the wrapped model: a DeepSpeed engine is told each new batch
-        self.fetched = 0  # micro-batches of the step in flight (set by ramp_batch_samples)
+        self.fetched = 0  # micro-batches of the step in flight on this process (set by ramp_batch_samples)
+        self.fetched_examples = 0  # and the examples they hold
         self.pending_skip = 0  # micro-batches to drop before the first step of a resumed run
         self._logged = (ramp.batch, ramp.factor)
 
@@ -106,10 +107,12 @@ class BatchRampCallback(TrainingLogCallback):
 
     def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
         fetched = self.fetched or self.ramp.accumulation
+        examples = self.fetched_examples or fetched * self.ramp.micro_batch
         self._logged = (self.ramp.batch, self.ramp.factor)
-        if self.ramp.step_done(samples=fetched * self.ramp.unit, micro_batches=fetched):
+        # every process holds as many (Accelerate evens the shards' batches out)
+        if self.ramp.step_done(samples=examples * self.ramp.processes, micro_batches=fetched):
             self._tell_engine()
-        self.fetched = 0
+        self.fetched = self.fetched_examples = 0
         self.scheduler.refresh()  # the next step's LR: Trainer stepped the schedule with this step's factor
 
     def _tell_engine(self) -> None:
@@ -169,6 +172,7 @@ def ramp_batch_samples(
         callback.pending_skip = 0
     batches, num_items = original(epoch_iterator, callback.ramp.accumulation, device)
     callback.fetched = len(batches)
+    callback.fetched_examples = sum(count_examples(b, callback.ramp.micro_batch) for b in batches)
     return ([MicroBatches(batches)] if batches else []), num_items
 
 

@@ -34,11 +34,12 @@ rest of :mod:`hf_lars.scaling`; the Trainer side is :mod:`hf_lars.integrations.b
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 
-__all__ = ["parse_batch_size_schedule", "BatchSizeRamp"]
+__all__ = ["parse_batch_size_schedule", "BatchSizeRamp", "count_examples"]
 
 _SCHEDULE_HELP = 'write it as "BATCH:UNTIL_STEP,...,BATCH", e.g. "256:1000,512:3000,1024"'
 
@@ -91,6 +92,21 @@ def parse_batch_size_schedule(text: str) -> tuple[tuple[int, int | None], ...]:
     return tuple(out)
 
 
+def count_examples(batch: Any, default: int) -> int:
+    """The examples in one collated micro-batch: the first dimension of its first tensor (``default`` if none).
+
+    A tensor, or a mapping / list / tuple of them (what data loaders yield); duck-typed on ``.shape``, so any
+    array library works.  The last micro-batch of an epoch may be short: the ramp counts what it holds.
+    """
+    if hasattr(batch, "shape"):
+        return int(batch.shape[0]) if len(batch.shape) else default
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        if hasattr(value, "shape") and len(value.shape):
+            return int(value.shape[0])
+    return default
+
+
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a positive number)")
@@ -133,6 +149,7 @@ class BatchSizeRamp:
         for name, value in (("micro_batch", micro_batch), ("processes", processes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
+        self.micro_batch, self.processes = micro_batch, processes
         self.unit = micro_batch * processes
         if (schedule is None) == (noise_k is None):
             raise ValueError("A batch size ramp follows either a schedule or the noise scale: give exactly one of "
