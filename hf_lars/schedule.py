@@ -315,7 +315,8 @@ class OnlineLrScheduler(LRScheduler):
     """A step-driven LR scheduler whose learning rates are multiplied by an online LR factor.
 
     The factor is a :class:`hf_lars.scaling.online.OnlineLrFactor` (``B_noise`` -> LR factor by the surge or
-    SGD law, bounded and smoothed).  Each :meth:`step` puts back the wrapped scheduler's own LRs, steps it (so
+    SGD law, bounded and smoothed) or a :class:`hf_lars.scaling.ramp.BatchSizeRamp` (the LR of its current
+    batch by the launch rule; :meth:`refresh` applies it after the ramp counted a step).  Each :meth:`step` puts back the wrapped scheduler's own LRs, steps it (so
     chainable schedulers compute from their own values, never from a multiplied one), then sets every
     group's ``lr`` to ``scheduler LR x factor``.  :meth:`update` folds in a new ``B_noise`` estimate and
     applies the new factor at once (the next optimizer step uses it).  :meth:`get_last_lr` returns the LRs
@@ -396,8 +397,8 @@ class OnlineLrScheduler(LRScheduler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "online_lr_factor" not in state_dict:
             raise ValueError(
-                "This scheduler state has no online LR factor: it was saved without --lr_scaling_online; resume "
-                "with the flags the checkpoint was trained with"
+                "This scheduler state has no online LR factor: it was saved without --lr_scaling_online (or a "
+                "--batch_size_* ramp); resume with the flags the checkpoint was trained with"
             )
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self.factor.load_state_dict(state_dict["online_lr_factor"])

@@ -8,6 +8,8 @@
 - :mod:`~hf_lars.scaling.critical`: ``S_min, E_min, B_crit`` from steps/examples, Kaplan's ``B_crit(L)``.
 - :mod:`~hf_lars.scaling.noise`: the gradient noise scale ``B_simple`` measured during training.
 - :mod:`~hf_lars.scaling.scaler`: :class:`AdamBatchSizeScaler`, :class:`SGDBatchSizeScaler`.
+- :mod:`~hf_lars.scaling.online` and :mod:`~hf_lars.scaling.ramp`: while training, an LR factor that follows
+  the measured ``B_noise`` (``OnlineLrFactor``), and a global batch that grows (``BatchSizeRamp``).
 - :mod:`~hf_lars.scaling.runs` and :mod:`~hf_lars.scaling.plot`: the CSV and PNG of ``hf-lars scale fit``.
 
 Everything here is NumPy (SciPy, when installed, only supplies exact Student-t quantiles).
