@@ -247,6 +247,16 @@ def test_trainer_resume_mid_ramp_is_bitwise(tmp_path) -> None:
     assert [r[0] for r in rows(resumed)][-3:] == [4, 5, 6]
 
 
+def test_trainer_resume_past_an_epoch_boundary_is_refused(tmp_path) -> None:
+    """Trainer would resume epoch 0 (one micro-batch per step), but the ramp's data is in epoch 1: refused,
+    naming the fixes, rather than resuming at the wrong data position."""
+    data = GaussianData(36, seed=4)  # 5 micro-batches an epoch: steps 1-4 use all of epoch 0
+    _train(tmp_path / "a", data, save_strategy="steps", save_steps=4)
+    with pytest.raises(ValueError, match="past an epoch boundary.*Trainer resumes epoch 0, the ramp's data is in "
+                                         "epoch 1.*--ignore_data_skip"):
+        _train(tmp_path / "b", data, resume=str(tmp_path / "a" / "checkpoint-4"))
+
+
 def test_switched_off_is_bitwise_trainer(tmp_path) -> None:
     """LarsTrainer without --batch_size_* flags (its get_batch_samples/training_step overrides in the loop) is
     bit for bit the stock Trainer with gradient accumulation."""
