@@ -15,6 +15,7 @@ imported (``import hf_lars`` imports it).  This package imports only torch.
 
 Beside the classes here, each in its own module and re-exported: :func:`collective_device` (``collective.py``:
 where the all-reduce runs), :func:`expand_scalars` (``scalars.py``: per-layer values broadcast over pieces),
+:class:`NormsBatch` (``norms_batch.py``: the norms of several param groups in one all-reduce per ``step()``),
 :class:`RowCentring` (``row_centring.py``: Gradient Centralization on pieces) and the stacked-layer helpers
 (``stacked.py``: experts stored in one tensor).
 """
