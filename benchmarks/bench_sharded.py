@@ -120,7 +120,10 @@ class Runner:
             for block in model:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        opt = cls(list(model.named_parameters()), **kwargs, foreach=args.foreach, fused=True if args.fused else None)
+        params: Any = list(model.named_parameters())
+        if args.groups == "blocks":  # one param group per block, as layer-wise LR decay builds them
+            params = [{"params": list(child.named_parameters())} for child in model]
+        opt = cls(params, **kwargs, foreach=args.foreach, fused=True if args.fused else None)
         self.timer = Timed(opt, sync=True)
         if kind.startswith("zero"):
             import deepspeed
@@ -208,6 +211,10 @@ def main() -> None:
         help="the optimizers' foreach flag (auto: their default, the per-tensor loop on CPU)",
     )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument(
+        "--groups", choices=["one", "blocks"], default="one",
+        help="one param group, or one per block (depth + 1 groups: layer-wise LR decay's shape)",
+    )
     parser.add_argument(
         "--fused", action="store_true", help="fused=True for all three runs (compiles per run: minutes on 2 cores)"
     )

@@ -267,6 +267,16 @@ def test_pieces_end_to_end_form_one_run() -> None:
     assert run_pieces(spec, runs) == [[0], [1, 2], [3], [4, 5], [6], [7]]
 
 
+def test_empty_pieces_keep_their_runs() -> None:
+    """An empty piece (a rank's empty FSDP2 shard, a zero-length fragment) belongs to a run like any other:
+    counting elements once left it out, which handed a run no piece (``torch.cat`` of nothing in the
+    compiled update pass) and shifted every later piece onto the wrong run."""
+    spec = ((0, 0, 0, True), (1, 0, 4, False), (1, 4, 0, False), (1, 4, 3, False), (2, 0, 0, True), (3, 0, 2, True))
+    runs = runs_of(spec)
+    assert runs == ((0, 0, 0, True), (1, 0, 7, False), (2, 0, 0, True), (3, 0, 2, True))
+    assert run_pieces(spec, runs) == [[0], [1, 2, 3], [4], [5]]
+
+
 def test_spread_and_decay_over_a_run() -> None:
     """Per-piece values become per-element ones, copied exactly; a value shared by every piece stays a
     number (nothing materialised); decay applies to the decaying pieces only."""

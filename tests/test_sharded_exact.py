@@ -19,9 +19,13 @@ clip then step), which clips at every step: the smallest pre-clip norm is 0.19 (
 RangerLARS's Gradient Centralization, which runs inside ``step()`` in every mode, must centre the clipped
 gradient, rows cut by ZeRO partition boundaries included (the ``groups`` model has such rows: asserted).
 
+Under FSDP2 (one ``step()`` call for every group) the ``groups_adapted`` model (``groups`` with
+``adapt_excluded=True``: three adapted groups) checks that the groups' norms share one all-reduce per step,
+eager and fused.
+
 The fused step (``fused=True``: two compiled passes with the all-reduce between) runs once per optimizer on the
-``mixed`` model under ZeRO-2, ZeRO-3 (one sub-group) and FSDP2, against the same eager unsharded reference and
-tolerance (compiling costs ~10-60 s per launch; ``tests/dist/launch.py`` shares one inductor cache directory
+``mixed`` model under ZeRO-2, ZeRO-3 (one sub-group) and FSDP2 (and on ``groups_adapted`` under FSDP2), against
+the same eager unsharded reference and tolerance (compiling costs ~10-60 s per launch; ``tests/dist/launch.py`` shares one inductor cache directory
 between ranks and runs).
 
 Tolerances: fp32 <= 1e-5 relative per layer after 10 steps (RangerLARS: 5 unrectified, 5 real) (measured with clipping, 6 steps: <= 6e-7).  bf16 <= 1e-5 relative
@@ -50,6 +54,10 @@ BF16_ENGINES = ("zero2", "zero3")
 FUSED_ENGINES = ("zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("lars", "adam_lars", "ranger_lars")
 MODELS = ("groups", "mixed")
+# Where several param groups are stepped in one step() call (FSDP2; ZeRO calls step() once per group), also
+# "groups" with every group adapted: three groups' norms in one all-reduce, eager and fused.
+FSDP2_ENGINES = ("fsdp2", "fsdp2_offload")
+BATCHED_MODEL = "groups_adapted"
 TOL = 1e-5
 CLIP = 0.1  # tests/dist/exact.py
 
@@ -63,6 +71,8 @@ def _run(engine: str, backend: str) -> dict[str, Any]:
 
         args = ["--engine", engine] + (["--bf16"] if engine in BF16_ENGINES else [])
         args += ["--fused"] if engine in FUSED_ENGINES else []
+        if engine in FSDP2_ENGINES:
+            args += ["--models", ",".join((*MODELS, BATCHED_MODEL)), "--fused-models", f"mixed,{BATCHED_MODEL}"]
         _RUNS[engine, backend] = torchrun("exact.py", *args, partial=True, backend=backend)
     return _RUNS[engine, backend]
 
@@ -99,7 +109,8 @@ def _naive_is_a_control(backend: str, case: tuple[str, ...]) -> bool:
 
 
 CASES = _with_backends(
-    [(e, o, m) for e in ENGINES for m in MODELS for o in OPTIMIZERS],
+    [(e, o, m) for e in ENGINES for m in MODELS for o in OPTIMIZERS]
+    + [(e, o, BATCHED_MODEL) for e in FSDP2_ENGINES for o in OPTIMIZERS],
     [(e, o, m) for e in OFFLOAD_ENGINES for m in MODELS for o in OPTIMIZERS],
 )
 BF16_CASES = _with_backends([(e, o, m) for e in BF16_ENGINES for m in MODELS for o in OPTIMIZERS])
@@ -108,7 +119,10 @@ NAIVE_CASES = _with_backends(
     [(e, o) for e in OFFLOAD_ENGINES for o in OPTIMIZERS],
     keep=_naive_is_a_control,
 )
-FUSED_CASES = _with_backends([(e, o) for e in FUSED_ENGINES for o in OPTIMIZERS])
+FUSED_CASES = _with_backends(
+    [(e, o, "mixed") for e in FUSED_ENGINES for o in OPTIMIZERS]
+    + [(e, o, BATCHED_MODEL) for e in FUSED_ENGINES if e in FSDP2_ENGINES for o in OPTIMIZERS]
+)
 
 
 @pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
@@ -145,12 +159,13 @@ def _assert_collectives(case: dict[str, Any], engine: str, opt: str, model: str,
     steps = case["step_calls"]
     assert steps, "the engine never called step()"
     for s in steps:
-        # ZeRO calls step() once per group / sub-group: exactly one all-reduce each for the norms, none for a
-        # group whose layers are all excluded (1-D); FSDP2 steps every group in one call, one all-reduce per
-        # group that has adapted layers.  RangerLARS under ZeRO adds one all-reduce (the cut-row sums of
-        # Gradient Centralization) exactly where a partition boundary cuts a row of a matrix.
-        assert s["calls"] == s["adapted_groups"] + s["gc_collectives"], s
-        assert s["adapted_groups"] <= s["groups"] and s["gc_collectives"] <= s["groups"], s
+        # One all-reduce per step() call for the norms of every group that has adapted layers (they share the
+        # engine's one process group: docs/design.md, "Layers, pieces and one all-reduce"), none when no group
+        # has any.  ZeRO calls step() once per group / sub-group; FSDP2 steps every group in one call, so its
+        # groups' norms share the one all-reduce.  RangerLARS under ZeRO adds one all-reduce (the cut-row sums
+        # of Gradient Centralization) exactly where a partition boundary cuts a row of a matrix.
+        assert s["calls"] == min(s["adapted_groups"], 1) + s["gc_collectives"], s
+        assert s["adapted_groups"] <= s["groups"] and s["gc_collectives"] <= min(s["groups"], 1), s
         assert s["gc_collectives"] == (s["cut_rows"] > 0), s
         assert s["payload"] <= max(s["max_payload"], s["cut_rows"]), f"payload {s['payload']} too big ({s})"
     assert any(s["calls"] >= 1 for s in steps)
@@ -158,29 +173,32 @@ def _assert_collectives(case: dict[str, Any], engine: str, opt: str, model: str,
         assert all(s["gc_collectives"] == 0 for s in steps), "only RangerLARS under ZeRO centres cut rows"
     if engine.startswith("zero"):
         assert all(s["calls"] <= (2 if opt == "ranger_lars" else 1) for s in steps)
+    if engine.startswith("fsdp2") and (model == BATCHED_MODEL or (model == "groups" and opt == "lars")):
+        # three adapted groups in every step() call (LARS adapts 1-D layers by default), one all-reduce
+        assert all(s["adapted_groups"] == 3 and s["calls"] == 1 for s in steps), steps
     if engine.startswith("zero") and opt == "ranger_lars" and model == "groups" and world > 1:
         assert any(s["calls"] == 2 and s["cut_rows"] > 0 for s in steps), "no row is cut by a partition boundary"
 
 
 @pytest.mark.parametrize(("backend", "engine", "opt", "model"), CASES)
-def test_one_all_reduce_per_group_step(backend: str, engine: str, opt: str, model: str) -> None:
+def test_one_all_reduce_per_step(backend: str, engine: str, opt: str, model: str) -> None:
     case = _case(engine, f"{opt}/{model}", backend)
     _assert_collectives(case, engine, opt, model, _run(engine, backend)["world"])
 
 
-@pytest.mark.parametrize(("backend", "engine", "opt"), FUSED_CASES)
-def test_fused_matches_unsharded_fp32(backend: str, engine: str, opt: str) -> None:
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), FUSED_CASES)
+def test_fused_matches_unsharded_fp32(backend: str, engine: str, opt: str, model: str) -> None:
     """``fused=True`` under sharding equals the eager unsharded run, to the eager path's tolerance."""
-    case = _case(engine, f"{opt}/mixed/fused", backend)
+    case = _case(engine, f"{opt}/{model}/fused", backend)
     assert max(case["moved"].values()) > 0.05, "training barely moved the weights: the comparison is void"
     assert case["min_grad_norm"] > CLIP
     assert case["max_rel_err"] <= TOL, sorted(case["rel_err"].items(), key=lambda kv: -kv[1])[:3]
 
 
-@pytest.mark.parametrize(("backend", "engine", "opt"), FUSED_CASES)
-def test_fused_one_all_reduce_per_group_step(backend: str, engine: str, opt: str) -> None:
-    case = _case(engine, f"{opt}/mixed/fused", backend)
-    _assert_collectives(case, engine, opt, "mixed", _run(engine, backend)["world"])
+@pytest.mark.parametrize(("backend", "engine", "opt", "model"), FUSED_CASES)
+def test_fused_one_all_reduce_per_step(backend: str, engine: str, opt: str, model: str) -> None:
+    case = _case(engine, f"{opt}/{model}/fused", backend)
+    _assert_collectives(case, engine, opt, model, _run(engine, backend)["world"])
 
 
 def test_cases_exercise_the_hard_layouts() -> None:

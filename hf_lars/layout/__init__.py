@@ -15,6 +15,7 @@ imported (``import hf_lars`` imports it).  This package imports only torch.
 
 Beside the classes here, each in its own module and re-exported: :func:`collective_device` (``collective.py``:
 where the all-reduce runs), :func:`expand_scalars` (``scalars.py``: per-layer values broadcast over pieces),
+:class:`NormsBatch` (``norms_batch.py``: the norms of several param groups in one all-reduce per ``step()``),
 :class:`RowCentring` (``row_centring.py``: Gradient Centralization on pieces) and the stacked-layer helpers
 (``stacked.py``: experts stored in one tensor).
 """
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from hf_lars.layout.collective import collective_device, group_device_types
+from hf_lars.layout.norms_batch import NormsBatch, active_batch
 from hf_lars.layout.scalars import expand_scalars
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "StepLayout",
     "PieceSubset",
     "LayoutResolver",
+    "NormsBatch",
     "is_dtensor",
     "collective_device",
     "expand_scalars",
@@ -328,6 +331,9 @@ class PieceSubset:
         while other ranks do: it must still call ``norms`` with the same number of (empty) lists, so that
         it joins the collective; it then gets a ``[len(lists), 0]`` result.
         """
+        reduced = self.reduced_norms()
+        if reduced is not None:  # phase 3 of a batched step: the norms are known, nothing to compute
+            return reduced
         if not self.idx:
             partial = torch.zeros(len(piece_lists), 0, dtype=torch.float32, device=self.layout.device)
             return partial if self.layout.process_group is None else self._reduce(partial)  # zeros: squares too
@@ -342,6 +348,16 @@ class PieceSubset:
             return partial
         return self._reduce(partial.square())
 
+    def reduced_norms(self) -> Tensor | None:
+        """This subset's norms when a batched ``step()`` reduced them already (phase 3 of
+        :class:`~hf_lars.layout.norms_batch.NormsBatch`), else ``None``: callers that compute their own
+        partial sums (``optim/fused.py``) then skip that pass."""
+        batch = active_batch()
+        if batch is None or batch.measure or not batch.covers(self.layout.process_group):
+            return None
+        sums = batch.take(self)
+        return None if sums is None else sums.sqrt().index_select(1, self._layers_on(sums.device))
+
     def norms_from_squares(self, squares: Tensor) -> Tensor:
         """Global per-layer norms from precomputed local sums of squares, shape ``[number of norms, len(self)]``.
 
@@ -349,6 +365,9 @@ class PieceSubset:
         partial sums themselves, e.g. fused into a pass that also writes other tensors (``optim/fused.py``).
         A rank holding no piece of this subset passes a ``[number of norms, 0]`` tensor and still joins.
         """
+        reduced = self.reduced_norms()
+        if reduced is not None:
+            return reduced
         if self.layout.trivial and self.layout.process_group is None:
             return squares.sqrt()
         return self._reduce(squares)
@@ -361,14 +380,23 @@ class PieceSubset:
         device (ZeRO-Offload and FSDP2 CPU offload keep fp32 partitions on the CPU under NCCL).
         """
         device = squares.device
-        layers = self._layer_index.get(device)
-        if layers is None:  # built once per layout: no host-to-device copy on later steps
-            layers = self._layer_index[device] = torch.tensor(self.layers, dtype=torch.long, device=device)
+        layers = self._layers_on(device)
         sums = torch.zeros(squares.shape[0], self.layout.num_layers, dtype=torch.float32, device=device)
         sums.index_add_(1, layers, squares)
         if self.layout.process_group is not None:
+            batch = active_batch()
+            if batch is not None and batch.measure and batch.covers(self.layout.process_group):
+                batch.record(self, sums)  # raises Measured: the group's step stops before it writes anything
             sums = self.layout.all_reduce(sums)
         return sums.sqrt().index_select(1, layers)
+
+    def _layers_on(self, device: torch.device) -> Tensor:
+        """The layer of each piece as an index tensor on ``device``, built once per layout (no host-to-device
+        copy on later steps)."""
+        layers = self._layer_index.get(device)
+        if layers is None:
+            layers = self._layer_index[device] = torch.tensor(self.layers, dtype=torch.long, device=device)
+        return layers
 
 
 # A layout keeps the piece views of this many stable tensor lists (weights and up to three state buffers).

@@ -103,6 +103,8 @@ class AdamLARS(TrustRatioOptimizer):
         check_betas(group["betas"])
         check_trust_bounds(group["trust_bounds"])
 
+    _written_before_norms = frozenset({"step", "exp_avg", "exp_avg_sq"})  # the moments come first
+
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         return frozenset({"step", "exp_avg", "exp_avg_sq"})
 

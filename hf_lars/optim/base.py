@@ -11,11 +11,10 @@ themselves are pure functions in each optimizer's module.
 from __future__ import annotations
 
 import abc
-import dataclasses
-import math
+import contextlib
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +29,9 @@ from hf_lars.layout.stacked import (
     split_stacked,
     stacked_layers,
 )
+from hf_lars.layout.norms_batch import Measured, NormsBatch
 from hf_lars.optim.fused import check_fused
+from hf_lars.optim.hyper import HyperParameters, check_bool, check_range, constructor_defaults
 from hf_lars.optim.moments import HostStepCounts
 from hf_lars.optim.trust import Ratios, StepPlan
 from hf_lars.optim.working_copies import restore_if_skipped, save_for_skip, unscaled_gradients
@@ -62,59 +63,6 @@ _REMOVED_ADAPT = (
     "{'excluded': True, 'adapt_excluded': False}; old adapt=True: {'exclude_1d': False} "
     "(docs/design.md, 'Exclusion: two decisions')."
 )
-
-
-def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
-    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is a bool (or None if ``optional``)."""
-    if isinstance(value, bool) or (optional and value is None):
-        return
-    allowed = "True, False or None" if optional else "True or False"
-    raise ValueError(f"Invalid {name} value: {value!r} (allowed: {allowed})")
-
-
-def check_range(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ``ValueError("Invalid <name> value: <value> (allowed: ...)")`` unless ``value`` is in range."""
-    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
-    allowed = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise ValueError(f"Invalid {name} value: {value!r} (allowed range: {allowed})")
-
-
-_H = TypeVar("_H", bound="HyperParameters")
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperParameters:
-    """Base of each rule's frozen hyper-parameter record: the functional entries (eager and fused) take one
-    record instead of a keyword per hyper-parameter.  Field names are the param-group keys."""
-
-    @classmethod
-    def of_group(cls: type[_H], group: dict[str, Any]) -> _H:
-        """The record of a param group (lists, e.g. ``betas`` read from JSON, become tuples: hashable)."""
-        return cls(**{f.name: _frozen(group[f.name]) for f in dataclasses.fields(cls)})
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def constructor_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer constructor's arguments (its ``locals()`` before anything else) as its ``defaults``:
-    every hyper-parameter and implementation flag is the group key of the same name."""
-    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
 
 def default_foreach(params: Sequence[Tensor]) -> bool:
@@ -415,6 +363,55 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         Centralization) is made by every rank in the same order.  Default: nothing.
         """
 
+    # State keys a rule writes before it asks for its norms (AdamLARS, RangerLARS: the moments and the step
+    # count); a batched step measures on copies of them (:meth:`_measure_group`).
+    _written_before_norms: frozenset[str] = frozenset()
+
+    @staticmethod
+    def _foreach(group: dict[str, Any], stepped: list[Tensor]) -> bool:
+        return group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
+
+    def _measure(self, batch: NormsBatch, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan) -> None:
+        """Phase 1 of a batched step for one group: its preparation, then its local norm sums recorded into
+        ``batch`` (zeros on a rank holding no adapted piece), with nothing written."""
+        layout = plan.layout
+        self._prepare_group(group, stepped, layout)
+        adapted = layout.select(plan.adapt)
+        try:
+            if not any(plan.adapt):  # no adapted piece here (only 1-D layers or padding): send zeros
+                adapted.norms(*[[] for _ in range(NORMS_PER_LAYER)])
+            else:
+                self._init_state(group, stepped)
+                self._measure_group(group, stepped, plan, self._foreach(group, stepped))
+        except Measured:
+            pass
+        if not batch.recorded(adapted):
+            raise RuntimeError(
+                f"hf_lars: {type(self).__name__}'s step of a sharded param group did not ask for its norms in the "
+                "measure phase of a batched step (report this as a bug)"
+            )
+
+    def _measure_group(self, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan, foreach: bool) -> None:
+        """Run the group's step up to its norms (which raise :class:`Measured`) without writing anything.
+
+        The step itself, on copies of the state it writes before its norms (:attr:`_written_before_norms`):
+        so the recorded sums are those the real step would compute, to the bit.  The copies are one group's
+        and die before the next group is measured.
+        """
+        originals = {p: self.state[p] for p in stepped}
+        try:
+            for p, state in originals.items():
+                copies = {k: v.clone() if k in self._written_before_norms else v for k, v in state.items()}
+                if "step" in copies and "step" in self._written_before_norms:
+                    count = self._step_counts.known([state["step"]])
+                    if count is not None:  # the same host scalars as the real step
+                        self._step_counts.record([copies["step"]], count)
+                self.state[p] = copies
+            self._step_group(group, stepped, plan, foreach)
+        finally:
+            for p, state in originals.items():
+                self.state[p] = state
+
     @torch.no_grad()
     def step(
         self,
@@ -446,8 +443,8 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        steps = []  # (group, its index, stepped tensors, plan, join a collective)
         for position, group in enumerate(self.param_groups):
-            group_index = self._group_index.get(id(group), position)
             stepped = []
             for p in group["params"]:
                 if p.grad is None:
@@ -458,21 +455,29 @@ class TrustRatioOptimizer(Optimizer, abc.ABC):
                         "(nn.Embedding(sparse=False)) or a sparse-aware optimizer such as torch.optim.SparseAdam"
                     )
                 stepped.append(p)
-            if not stepped:
-                continue
-            plan, join = self._step_layout(group, group_index, stepped)
+            if stepped:
+                group_index = self._group_index.get(id(group), position)
+                steps.append((group, group_index, stepped, *self._step_layout(group, group_index, stepped)))
+        batch = NormsBatch.shared([plan.layout.process_group for *_, plan, join in steps if join])
+        if batch is not None:  # phases 1 and 2 (docs/design.md, "Layers, pieces and one all-reduce")
+            with unscaled_gradients(grad_scale), batch.measuring():
+                for group, _, stepped, plan, join in steps:
+                    if join and batch.covers(plan.layout.process_group):
+                        self._measure(batch, group, stepped, plan)
+            batch.reduce()
+        for group, group_index, stepped, plan, join in steps:
             layout = plan.layout
-            self._prepare_group(group, stepped, layout)
-            if join and not any(plan.adapt):
-                # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
-                layout.select(plan.adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
+            if batch is None or not (join and batch.covers(layout.process_group)):
+                self._prepare_group(group, stepped, layout)
+                if join and not any(plan.adapt):
+                    # This rank holds no adapted piece (only 1-D layers or ZeRO padding): join the ranks that do.
+                    layout.select(plan.adapt).norms(*[[] for _ in range(NORMS_PER_LAYER)])
             if not layout.num_pieces:
                 continue
-            foreach = group["foreach"] if group["foreach"] is not None else default_foreach(stepped)
             self._init_state(group, stepped)
             saved = save_for_skip(stepped, self.state) if found_inf is not None else None
-            with unscaled_gradients(grad_scale):
-                ratios = self._step_group(group, stepped, plan, foreach)
+            with unscaled_gradients(grad_scale), batch.applying() if batch is not None else contextlib.nullcontext():
+                ratios = self._step_group(group, stepped, plan, self._foreach(group, stepped))
             if saved is not None:
                 restore_if_skipped(found_inf, saved)
             if ratios is not None:

@@ -252,8 +252,11 @@ def fused_lars(
     ratio_wd: float | Tensor = 0.0
     if len(adapted):
         a_spec = tuple(s for s, a in zip(spec, adapt) if a)
-        squares = _call(_lars_norms_pass, (a_spec, flags[0]), lambda: _signature(w, g), layout, w, g, inv_scale, a_spec)
-        norms = adapted.norms_from_squares(squares)
+        norms = adapted.reduced_norms()  # known already in a batched step (base class): no norms pass
+        if norms is None:
+            squares = _call(_lars_norms_pass, (a_spec, flags[0]), lambda: _signature(w, g), layout, w, g, inv_scale,
+                            a_spec)
+            norms = adapted.norms_from_squares(squares)
         ratio_wd = ratio_weight_decay(adapted, adapted.take(decay), hp.weight_decay, norms.device)
     rule = (hp.momentum, hp.weight_decay, hp.trust_coefficient, hp.eps, hp.nesterov, hp.trust_clip)
     static = (spec, adapt, decay, rule, flags)
@@ -400,8 +403,9 @@ def _adam_form_step(
     gc = (tuple(centre), centre_rows)
     write = bool(slow)  # RangerLARS: the norms pass writes the moments (see _adam_norms_pass)
     static = (spec, adapt, decay, gc[0], hp1, flags, write)
-    norms = None
-    if len(adapted) or write:
+    # Known already in a batched step (base class): no norms pass (RangerLARS's writes the moments: it runs).
+    norms = adapted.reduced_norms() if len(adapted) and not write else None
+    if norms is None and (len(adapted) or write):
         squares = _call(
             _adam_norms_pass, static, lambda: _signature(w, g, m, v), layout,
             w, g, m, v, den_a, den_b, inv_scale, found_inf, spec, adapt, decay, *gc, write, hp1,

@@ -40,16 +40,22 @@ def runs_of(spec: Spec) -> Spec:
 
 
 def run_pieces(spec: Spec, runs: Spec) -> list[list[int]]:
-    """The piece indices (into ``spec``) that each run of ``runs_of(spec)`` holds, in order."""
+    """The piece indices (into ``spec``) that each run of ``runs`` (``runs_of(spec)``) holds, in order.
+
+    Merged by :func:`runs_of`'s own rule rather than by counting elements, so an empty piece (a rank's empty
+    FSDP2 shard, a zero-length ZeRO fragment) belongs to its run like any other: counting elements would
+    leave it out, and shift every later piece onto the wrong run.
+    """
     out: list[list[int]] = []
-    i = 0
-    for _, _, numel, _ in runs:
-        held, covered = [], 0
-        while covered < numel:
-            held.append(i)
-            covered += spec[i][2]
-            i += 1
-        out.append(held)
+    last: tuple[int, int, int, bool] | None = None
+    for i, (t, start, numel, whole) in enumerate(spec):
+        if last is not None and not whole and not last[3] and last[0] == t and last[1] + last[2] == start:
+            out[-1].append(i)
+            last = (t, last[1], last[2] + numel, False)
+        else:
+            out.append([i])
+            last = (t, start, numel, whole)
+    assert len(out) == len(runs), "run_pieces: runs is not runs_of(spec)"
     return out
 
 

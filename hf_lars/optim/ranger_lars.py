@@ -109,8 +109,9 @@ class RangerLARS(TrustRatioOptimizer):
         *, foreach: bool | None = None, fused: bool | None = None,  # the implementation
     ) -> None:
         defaults = constructor_defaults(locals())
-        # The centred gradients of a ZeRO step, from _prepare_group to _step_group (one group at a time).
-        self._centred_grads: list[Tensor] | None = None
+        # id(group) -> the centred gradients of its ZeRO step, from _prepare_group to _step_group (several
+        # groups at once when a batched step measures every group first: "Layers, pieces and one all-reduce").
+        self._centred_grads: dict[int, list[Tensor]] = {}
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -131,11 +132,22 @@ class RangerLARS(TrustRatioOptimizer):
         which must come before the norms' collective and be made by every rank of the group, also by one
         whose partition holds no piece; so it runs here, before :meth:`_step_group`, which takes the result.
         """
-        self._centred_grads = None
+        self._centred_grads.pop(id(group), None)
         if not group["use_gc"] or layout.process_group is None or all(lay.whole_rows for lay in layout.layouts):
             return
         grads = [g if g.dtype == torch.float32 else g.float() for g in layout.local([p.grad for p in stepped])]
-        self._centred_grads = layout.row_centring().centre(grads, centralize_gradient)
+        self._centred_grads[id(group)] = layout.row_centring().centre(grads, centralize_gradient)
+
+    def _measure_group(self, group: dict[str, Any], stepped: list[Tensor], plan: StepPlan, foreach: bool) -> None:
+        """The base class's measurement, keeping the centred gradients for the real step that follows."""
+        centred = self._centred_grads.get(id(group))
+        try:
+            super()._measure_group(group, stepped, plan, foreach)
+        finally:
+            if centred is not None:
+                self._centred_grads[id(group)] = centred
+
+    _written_before_norms = frozenset({"step", "exp_avg", "exp_avg_sq"})  # the moments come first
 
     def _state_keys(self, group: dict[str, Any]) -> frozenset[str]:
         return frozenset({"step", "exp_avg", "exp_avg_sq", "slow_buffer"})
@@ -153,7 +165,7 @@ class RangerLARS(TrustRatioOptimizer):
         states = [self.state[p] for p in stepped]
         steps = [s["step"] for s in states]
         count = self._step_counts.known(steps)
-        centred, self._centred_grads = self._centred_grads, None
+        centred = self._centred_grads.pop(id(group), None)
         result = ranger_lars(
             stepped, [p.grad for p in stepped] if centred is None else centred, [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["slow_buffer"] for s in states], steps, plan,

@@ -7,9 +7,10 @@ makes, the ``torch.distributed.all_reduce`` calls made inside it and their paylo
 control where :func:`hf_lars.sharding.tensor_layouts` is replaced by the naive layout every other LAMB
 uses (each flat partition / local shard is one layer, norms are local).
 
-With ``--fused`` each optimizer also runs once with ``fused=True`` (the compiled two-pass step) on the
-``mixed`` model, against the same eager unsharded reference (keys ``<optimizer>/mixed/fused``; ZeRO-3 then
-uses one sub-group per group, so that each rank compiles one function per pass).
+With ``--fused`` each optimizer also runs once with ``fused=True`` (the compiled two-pass step) on each of
+``--fused-models`` (default ``mixed``), against the same eager unsharded reference (keys
+``<optimizer>/<model>/fused``; ZeRO-3 then uses one sub-group per group, so that each rank compiles one
+function per pass).
 
 Usage: torchrun --nproc_per_node 2 tests/dist/exact.py --engine zero2 [--bf16] [--fused] --out result.json
 (``HF_LARS_TEST_BACKEND=nccl``: one GPU per rank, 1 or 2 ranks; ``--engine zero2_offload`` / ``zero3_offload`` keep
@@ -59,7 +60,13 @@ MODELS: dict[str, tuple[str, bool]] = {
     "groups": ("scaled", True),  # matrices / 1-D layers / a one-element group that lives on rank 0 only
     "mixed": ("wide", False),  # one group: 1-D layers, a zero-initialised matrix, a rank with only 1-D pieces
     "single": ("net", False),  # one group, every rank holds adapted pieces (used by the multi-node test)
+    # "groups" with every group adapted (adapt_excluded=True: LARS's default, AdamLARS's and RangerLARS's
+    # option): three groups that take the trust ratio in one step() call, the logit_scale group's on rank 0
+    # only, so under FSDP2 the three groups' norms share one all-reduce and rank 1 sends zeros for the third.
+    "groups_adapted": ("scaled", True),
 }
+# Optimizer arguments a model key adds (to the sharded run and its reference alike).
+MODEL_OVERRIDES: dict[str, dict[str, Any]] = {"groups_adapted": {"adapt_excluded": True}}
 
 
 class StepCounter:
@@ -87,7 +94,8 @@ class StepCounter:
                 "gc_collectives": sum(p is not None and p.collective for p in plans),
                 "cut_rows": sum(p.num_cut_rows for p in plans if p is not None),
                 "payload": max(calls, default=0),
-                "max_payload": 2 * max((self.layers_per_group.get(id(g), 0) for g in groups), default=0),
+                # two floats per layer of every group: the groups' norms share one all-reduce
+                "max_payload": 2 * sum(self.layers_per_group.get(id(g), 0) for g in groups),
             }
         )
         return out
@@ -120,14 +128,14 @@ def make_optimizer(opt_name: str, model: nn.Module, split: bool, **overrides: An
 
 
 def reference_run(
-    opt_name: str, model_name: str, split: bool, batches: list, bf16: bool
+    opt_name: str, model_name: str, split: bool, batches: list, bf16: bool, **overrides: Any
 ) -> tuple[dict[str, Tensor], float]:
     """One process, whole global batch, no sharding, clip then step (bf16: a bf16 model stepped through fp32
     masters).  Returns the final weights and the smallest pre-clip global gradient norm of the run."""
     model = C.make_model(model_name)
     norms = []
     if not bf16:
-        opt = make_optimizer(opt_name, model, split)
+        opt = make_optimizer(opt_name, model, split, **overrides)
         with C.count_all_reduce() as calls:
             for x, y in batches:
                 C.loss_fn(model(x), y).backward()
@@ -141,7 +149,7 @@ def reference_run(
     # Centralization (RangerLARS) runs in the step, on the reduced fp32 gradient, as under ZeRO.
     model = model.to(torch.bfloat16)
     master = copy.deepcopy(model).float()  # DeepSpeed's masters start from the bf16 weights
-    opt = make_optimizer(opt_name, master, split)
+    opt = make_optimizer(opt_name, master, split, **overrides)
     pairs = list(zip(model.parameters(), master.parameters()))
     world = len(batches[0][0]) // C.MICRO_BATCH
     for batch in batches:
@@ -173,6 +181,7 @@ def deepspeed_run(
     rank: int,
     bf16: bool,
     fused: bool = False,
+    **overrides: Any,
 ) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -186,7 +195,7 @@ def deepspeed_run(
         config["zero_force_ds_cpu_optimizer"] = False
     config["gradient_clipping"] = CLIP
     model = C.make_model(model_name)
-    opt = make_optimizer(opt_name, model, split, fused=fused)
+    opt = make_optimizer(opt_name, model, split, fused=fused, **overrides)
     counter = StepCounter(opt)
     engine = C.deepspeed_engine(model, opt, config)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -221,10 +230,11 @@ def _held_layers(model: nn.Module) -> list[list[str]]:
 
 
 def fsdp2_run(
-    opt_name: str, model_name: str, split: bool, batches: list, rank: int, offload: bool = False, fused: bool = False
+    opt_name: str, model_name: str, split: bool, batches: list, rank: int, offload: bool = False, fused: bool = False,
+    **overrides: Any,
 ) -> tuple[dict[str, Tensor], list[dict[str, int]], list[list[str]]]:
     model = C.fsdp2_shard(C.make_model(model_name), offload=offload)
-    opt = make_optimizer(opt_name, model, split, fused=fused)
+    opt = make_optimizer(opt_name, model, split, fused=fused, **overrides)
     counter = StepCounter(opt)
     for batch in batches:
         x, y = (t.to(C.device()) for t in C.local_slice(batch, rank))
@@ -255,18 +265,20 @@ def run_case(
 ) -> dict:
     """One case; exceptions are recorded (and asserted on by the pytest side), not raised."""
     model_name, split = MODELS[model_key]
+    overrides = MODEL_OVERRIDES.get(model_key, {})
     batches = C.global_batches(STEPS, world, out_features=3 if model_name == "wide" else 1)
     record: dict[str, Any] = {}
     real_layouts = hf_lars.sharding.tensor_layouts
     try:
         init = {n: p.detach().clone() for n, p in C.make_model(model_name).named_parameters()}
-        ref, record["min_grad_norm"] = reference_run(opt_name, model_name, split, batches, bf16)
+        ref, record["min_grad_norm"] = reference_run(opt_name, model_name, split, batches, bf16, **overrides)
         hf_lars.sharding.tensor_layouts = naive_tensor_layouts if naive else real_layouts
         if engine.startswith("fsdp2"):
             offload = engine == "fsdp2_offload"
-            got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank, offload, fused)
+            got, steps, held = fsdp2_run(opt_name, model_name, split, batches, rank, offload, fused, **overrides)
         else:
-            got, steps, held = deepspeed_run(engine, opt_name, model_name, split, batches, rank, bf16, fused)
+            got, steps, held = deepspeed_run(engine, opt_name, model_name, split, batches, rank, bf16, fused,
+                                             **overrides)
         record.update(compare(got, ref, init))
         record["step_calls"] = steps
         record["held"] = held
@@ -286,7 +298,8 @@ def main() -> None:
                 choices=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp2", "fsdp2_offload"],
             ),
             p.add_argument("--bf16", action="store_true", help="also run every case in bf16"),
-            p.add_argument("--fused", action="store_true", help=f"also run each optimizer fused on '{FUSED_MODEL}'"),
+            p.add_argument("--fused", action="store_true", help="also run each optimizer fused (--fused-models)"),
+            p.add_argument("--fused-models", default=FUSED_MODEL, help="model keys of the fused cases"),
             p.add_argument("--optimizers", default=",".join(OPTIMIZERS)),
             p.add_argument("--models", default="groups,mixed", help="model keys; negative controls run with 'mixed'"),
         )
@@ -313,7 +326,7 @@ def main() -> None:
         cases += [(o, "mixed", True, False, False) for o in names]  # negative controls: no collective at all
         cases += [(o, "mixed", False, bf16, False) for bf16 in dtypes for o in names]
     if args.fused:  # last: a slow compile never holds up the eager cases' results
-        cases += [(o, FUSED_MODEL, False, False, True) for o in names]
+        cases += [(o, m, False, False, True) for m in args.fused_models.split(",") for o in names]
     for opt_name, model_key, naive, bf16, fused in cases:
         key = f"{opt_name}/{model_key}" + ("/bf16" if bf16 else "") + ("/naive" if naive else "")
         key += "/fused" if fused else ""
