@@ -135,3 +135,41 @@ def test_lr_robustness_quick(tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert rob.main(["--from-runs", str(tmp_path / "lm_lr_robustness_runs.csv"), "--out-dir", str(again)]) == 0
     assert (again / "lm_lr_robustness.csv").read_text() == (tmp_path / "lm_lr_robustness.csv").read_text()
+
+
+def test_lm_batch_ramp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15's evidence recipe end to end: every arm spends the same tokens its own way, and each way shows.
+
+    The scheduled ramp changes batch at the steps its string names, the noise-driven one never shrinks and stays
+    in its bounds, the online arm moves its LR factor (from the first estimate on) within the default bounds,
+    and a fixed arm keeps factor 1.
+    """
+    rec = _load("lm_batch_ramp")
+    assert rec.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    _, runs = _rows(tmp_path / "lm_batch_ramp_runs.csv")
+    assert {r["arm"] for r in runs} == set(rec.ARM_NAMES)
+    fixed = {r["arm"]: r for r in runs if not r["arm"].startswith("ramp")}
+    assert {int(r["tokens"]) for r in fixed.values()} == {256 * 16}  # quick: 256 blocks of 16 tokens
+    assert int(fixed["small"]["steps"]) == 16 and int(fixed["large_tuned"]["steps"]) == 2
+    _, logs = _rows(tmp_path / "lm_batch_ramp_log.csv")
+    by_arm: dict[str, list[dict[str, str]]] = {}
+    for r in logs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    # "16:4,32:8,64": steps 1-4 at 16, 5-8 at 32, then 64 (a record's batch is that of its last step)
+    sched = {int(r["step"]): int(r["batch"]) for r in by_arm["ramp_schedule"]}
+    assert sched[2] == sched[4] == 16 and sched[6] == sched[8] == 32 and all(sched[s] == 64 for s in sched if s > 8)
+    steps = int(next(r for r in runs if r["arm"] == "ramp_schedule")["steps"])
+    assert steps == 4 + 4 + (256 - 4 * 16 - 4 * 32) // 64  # the budget, spent phase by phase
+    noise = [int(r["batch"]) for r in by_arm["ramp_noise"]]
+    assert noise == sorted(noise) and rec.RAMP_MIN <= noise[0] and noise[-1] <= rec.RAMP_MAX
+    assert all(b % 8 == 0 for b in noise)  # whole micro-batches
+    factors = [float(r["lr_factor"]) for r in by_arm["b64_online"]]  # the factor each logged step used
+    assert factors[0] == 1.0 and all(0.25 <= f <= 4.0 for f in factors) and any(f != 1.0 for f in factors)
+    assert all(float(r["lr_factor"]) == 1.0 for r in by_arm["b64_surge"])
+    _, summary = _rows(tmp_path / "lm_batch_ramp.csv")
+    assert [s["arm"] for s in summary] == list(rec.ARM_NAMES)
+    assert all(math.isfinite(float(s["test_loss_mean"])) for s in summary)
+    assert _is_png(tmp_path / "lm_batch_ramp.png")
+    out = capsys.readouterr().out
+    assert "launch B_noise" in out and "| arm | optimizer steps |" in out
+    assert rec.main(["--replot", "--out-dir", str(tmp_path)]) == 0  # redraws from the CSVs alone
