@@ -13,6 +13,23 @@ __all__: list[str] = []
 ArrayLike = Any  # a float, an int, a 0-d tensor, a sequence or an ndarray of them
 
 
+def _positive_number(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """``float(value)`` for a finite positive int/float (``None`` passes when ``optional``); else ``ValueError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive number)")
+    return float(value)
+
+
+def _check_saved_settings(config: dict[str, Any], state: dict[str, Any], what: str, fix: str) -> None:
+    """Refuse a checkpointed ``state`` whose settings differ from ``config``, naming each (``what``: whose, ``fix``)."""
+    mismatched = {k: (v, state.get(k)) for k, v in config.items() if state.get(k) != v}
+    if mismatched:
+        shown = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
+        raise ValueError(f"The checkpoint's {what} other settings ({shown}): {fix}")
+
+
 def _as_positive(value: ArrayLike, name: str) -> tuple[np.ndarray, bool]:
     """``value`` as a float64 array of positive finite numbers, and whether it was a scalar.
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from hf_lars.scaling._common import _check_saved_settings
+from hf_lars.scaling._common import _positive_number as _positive
 from hf_lars.scaling.laws import B_NOISE_RULES, RULES, canonical_rule, scaled_lr
 
 __all__ = ["ONLINE_RULES", "OnlineLrFactor"]
@@ -40,14 +42,6 @@ __all__ = ["ONLINE_RULES", "OnlineLrFactor"]
 #: The rule names (aliases included) whose LR depends on ``B_noise``: the only ones an online estimate can move
 #: (``laws.B_NOISE_RULES`` decides; this is how they are spelled in messages).
 ONLINE_RULES: tuple[str, ...] = ("surge", "adam", "sgd")
-
-
-def _positive(name: str, value: Any, *, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a positive number)")
-    return float(value)
 
 
 class OnlineLrFactor:
@@ -134,13 +128,8 @@ class OnlineLrFactor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; ``ValueError`` if it was saved with other settings (e.g. another batch)."""
-        mismatched = {k: (v, state.get(k)) for k, v in self._config().items() if state.get(k) != v}
-        if mismatched:
-            shown = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
-            raise ValueError(
-                f"The checkpoint's online LR factor was computed with other settings ({shown}): resume with the "
-                "same --lr_scaling flags and global batch, or start a fresh run"
-            )
+        _check_saved_settings(self._config(), state, "online LR factor was computed with",
+                              "resume with the same --lr_scaling flags and global batch, or start a fresh run")
         self.factor = float(state["factor"])
         self.b_noise = state["b_noise"]
         self.updates = int(state["updates"])

@@ -37,6 +37,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from hf_lars.scaling._common import _check_saved_settings
+from hf_lars.scaling._common import _positive_number as _check_positive
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 
 __all__ = ["parse_batch_size_schedule", "BatchSizeRamp", "count_examples"]
@@ -105,12 +107,6 @@ def count_examples(batch: Any, default: int) -> int:
         if hasattr(value, "shape") and len(value.shape):
             return int(value.shape[0])
     return default
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a positive number)")
-    return float(value)
 
 
 class BatchSizeRamp:
@@ -294,11 +290,9 @@ class BatchSizeRamp:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; ``ValueError`` if it was saved with other settings."""
-        mismatched = {k: (v, state.get(k)) for k, v in self._config().items() if state.get(k) != v}
-        if mismatched:
-            shown = ", ".join(f"{k}: now {now!r}, saved {saved!r}" for k, (now, saved) in mismatched.items())
-            raise ValueError(f"The checkpoint's batch size ramp has other settings ({shown}): resume with the same "
-                             "--batch_size_* and --lr_scaling flags, processes and micro-batch, or start a fresh run")
+        _check_saved_settings(self._config(), state, "batch size ramp has",
+                              "resume with the same --batch_size_* and --lr_scaling flags, processes and micro-batch, "
+                              "or start a fresh run")
         self.step, self.samples = int(state["step"]), int(state["samples"])
         self.micro_batches, self.batch = int(state["micro_batches"]), int(state["batch"])
         self.b_noise, self.skipped = state["b_noise"], int(state["skipped"])
