@@ -257,17 +257,19 @@ def tables(summary: list[dict]) -> str:
     return markdown_table(["arm", "optimizer steps", "tokens", "test loss (mean ± std)", "diverged"], body)
 
 
-def plot(summary: list[dict], logs: list[dict], out_dir: str) -> str:
+def plot(arms: Sequence[Arm], summary: list[dict], logs: list[dict], out_dir: str) -> str:
     """Four panels: training loss vs tokens, batch vs tokens, B_noise and LR factor vs tokens, test loss per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_arm = {a.name: a for a in make_arms()}
+    by_arm = {a.name: a for a in arms}
     shown = [s["arm"] for s in summary if not s["arm"].startswith("b64_lr")]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     (ax_loss, ax_batch), (ax_noise, ax_bar) = axes
+    ax_factor = ax_noise.twinx()
+    ax_factor.set_ylabel("online LR factor (dotted)")
     for name in shown:
         arm = by_arm[name]
         recs: dict[int, list[dict]] = {}
@@ -278,15 +280,15 @@ def plot(summary: list[dict], logs: list[dict], out_dir: str) -> str:
         if not toks:
             continue
         style = "--" if arm.online else "-"
-        mean = lambda key: [sum(float(r[key]) for r in recs[t]) / len(recs[t]) for t in toks]  # noqa: E731
+
+        def mean(key: str) -> list[float]:  # over seeds, at each logged token count
+            return [sum(float(r[key]) for r in recs[t]) / len(recs[t]) for t in toks]
+
         ax_loss.plot(toks, mean("train_loss"), style, color=arm.color, label=arm.label)
         ax_batch.plot(toks, mean("batch"), style, color=arm.color, drawstyle="steps-post", label=arm.label)
         ax_noise.plot(toks, mean("b_noise"), style, color=arm.color, label=f"B_noise: {arm.label}")
         if arm.online:
-            twin = getattr(ax_noise, "_twin", None) or ax_noise.twinx()
-            ax_noise._twin = twin  # type: ignore[attr-defined]
-            twin.plot(toks, mean("lr_factor"), ":", color=arm.color, label=f"lr_factor: {arm.label}")
-            twin.set_ylabel("online LR factor (dotted)")
+            ax_factor.plot(toks, mean("lr_factor"), ":", color=arm.color, label=f"lr_factor: {arm.label}")
     ax_loss.set(xlabel="tokens", ylabel="training loss (window mean, seeds averaged)", title="Same token budget")
     ax_loss.set_ylim(top=7.0)
     ax_batch.set(xlabel="tokens", ylabel="global batch (blocks of 32 tokens)", yscale="log", title="Batch size")
@@ -354,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_csv(log_path, logs)
         write_csv(summary_path, summary)
     print(tables(summary))
-    print(plot(summary, logs, args.out_dir))
+    print(plot(args.arms_all, summary, logs, args.out_dir))
     return 0
 
 
