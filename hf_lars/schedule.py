@@ -328,11 +328,13 @@ class OnlineLrScheduler(LRScheduler):
     step.  Trainer gets it from ``--lr_scaling_online`` (:mod:`hf_lars.integrations.online_lr`); a loop wraps
     its scheduler, keeps the reference, and calls :meth:`update` at logging steps::
 
-        online = OnlineLrScheduler(scheduler, OnlineLrFactor("surge", ref_batch=256, batch=global_batch))
+        start = default_start_step(warmup_steps, monitor.estimator.beta)   # young estimates are not acted on
+        online = OnlineLrScheduler(scheduler, OnlineLrFactor("surge", ref_batch=256, batch=global_batch,
+                                                             start_step=start))
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, online)
         ...
         stats = monitor.compute()                      # GradientNoiseScaleMonitor: {"b_noise": ...}
-        stats["lr_factor"] = online.update(stats.get("b_noise"))
+        stats["lr_factor"] = online.update(stats.get("b_noise"), step=optimizer_steps_done)
     """
 
     def __init__(self, scheduler: Any, factor: Any) -> None:  # noqa: D107 - no super().__init__: see above
@@ -373,9 +375,13 @@ class OnlineLrScheduler(LRScheduler):
         self.scheduler.step(*args, **kwargs)
         self._apply()
 
-    def update(self, b_noise: float | None) -> float:
-        """Fold in an estimate (:meth:`~hf_lars.scaling.online.OnlineLrFactor.update`), apply it now; the factor."""
-        factor = self.factor.update(b_noise)
+    def update(self, b_noise: float | None, step: int | None = None) -> float:
+        """Fold in an estimate logged after ``step`` optimizer steps, apply it now; the factor.
+
+        See :meth:`~hf_lars.scaling.online.OnlineLrFactor.update` (``step`` is needed when the factor has a
+        ``start_step``).
+        """
+        factor = self.factor.update(b_noise, step)
         self._apply()
         return factor
 

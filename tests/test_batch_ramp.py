@@ -107,6 +107,8 @@ def test_steps_for_a_sample_budget() -> None:
         (dict(noise_k=1.0, min_batch=16, max_batch=40), "max_batch 40: not a multiple .* use 32 or 48"),
         (dict(schedule="16", min_batch=16), "drop --batch_size_min"),
         (dict(schedule="16", rule="surge", ref_batch=16), "Invalid b_noise"),
+        (dict(schedule="16", start_step=3), "which a schedule ignores: drop --b_noise_start_step"),
+        (dict(noise_k=1.0, min_batch=16, max_batch=32, start_step=1.5), "Invalid start_step: 1.5"),
     ],
 )
 def test_ramp_errors(kwargs: dict[str, Any], message: str) -> None:
@@ -132,6 +134,23 @@ def test_noise_driven_follows_k_b_noise_within_bounds() -> None:
     ramp.step_done()
     assert ramp.batch == 96  # steps do not move a noise-driven ramp
     assert BatchSizeRamp(micro_batch=8, schedule="8:1,16").update(1e9) == 1.0  # a schedule ignores estimates
+
+
+def test_noise_driven_waits_for_its_start_step() -> None:
+    """Estimates logged before start_step optimizer steps move nothing (counted in waited); from there on the
+    ramp follows them as one without a start would, and the settings travel with the state."""
+    ramp = BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=16, max_batch=64, start_step=2)
+    seen = []
+    for b in [60.0, 50.0, 40.0, 70.0]:  # logged after steps 0, 1, 2, 3
+        ramp.update(b)
+        seen.append(ramp.batch)
+        ramp.step_done()
+    assert seen == [16, 16, 40, 64] and (ramp.waited, ramp.b_noise) == (2, 70.0)
+    again = BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=16, max_batch=64, start_step=2)
+    again.load_state_dict(ramp.state_dict())
+    assert again.state_dict() == ramp.state_dict()
+    with pytest.raises(ValueError, match="start_step: now 0, saved 2"):
+        BatchSizeRamp(micro_batch=8, noise_k=1.0, min_batch=16, max_batch=64).load_state_dict(ramp.state_dict())
 
 
 def test_count_examples() -> None:
@@ -286,7 +305,7 @@ def test_trainer_noise_driven_follows_the_logged_b_noise(tmp_path, monkeypatch: 
     monkeypatch.setattr(GradientNoiseScaleCallback, "training_log_stats", stats)
     data = GaussianData(400, seed=7)
     trainer = _train(tmp_path, data, batch_size_schedule=None, batch_size_noise_k=0.5, batch_size_min=16,
-                     batch_size_max=40)
+                     batch_size_max=40, b_noise_start_step=0)
     batch, batches = 16, []
     for b in injected:
         batches.append(batch)
@@ -304,8 +323,11 @@ def test_trainer_noise_driven_follows_the_logged_b_noise(tmp_path, monkeypatch: 
 
 def test_trainer_noise_driven_with_the_real_monitor(tmp_path) -> None:
     """Not injected: the noise monitor measures over the bundles (the step's end from sync_gradients, the big
-    batch growing with the ramp), its b_noise lands near the model's true B_simple = 64, and each logged
-    b_noise sets the next batch by the documented rounding, up to 64."""
+    batch growing with the ramp), its b_noise lands near the model's true B_simple = 64 once the batch has
+    grown, and each b_noise logged from the default start on (step 100: no LR warmup, the EMA's window
+    1/(1 - 0.99)) sets the next batch by the documented rounding; the one logged at step 50 waits.  (At
+    batch 16 = 2 micro-batches the estimate is still 60% high at step 100, and the ramp, which never shrinks,
+    keeps the batch it took from it: the noise monitor's small/big batch ratio sets how noisy it is.)"""
     from dist.ns_common import TRUE_B_SIMPLE
 
     args = LarsTrainingArguments(**training_args(
@@ -314,12 +336,14 @@ def test_trainer_noise_driven_with_the_real_monitor(tmp_path) -> None:
     trainer = LarsTrainer(model=GaussianGradModel(), args=args, train_dataset=GaussianData(300 * 80, seed=1))
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
-    assert len(logs) == 6 and all(abs(row["b_noise"] / TRUE_B_SIMPLE - 1) < 0.15 for row in logs[1:])
+    assert len(logs) == 6 and all(abs(row["b_noise"] / TRUE_B_SIMPLE - 1) < 0.15 for row in logs[3:])
     batch = 16
     for row in logs:
         assert row[GLOBAL_BATCH_KEY] == batch
-        batch = max(batch, min(max(int(row["b_noise"] // 8) * 8, 16), 512))
-    assert logs[-1][GLOBAL_BATCH_KEY] == 64
+        if row["step"] >= 100:
+            batch = max(batch, min(max(int(row["b_noise"] // 8) * 8, 16), 512))
+    assert [row[GLOBAL_BATCH_KEY] for row in logs][:2] == [16, 16] and logs[-1][GLOBAL_BATCH_KEY] > 16
+    assert logs[0]["b_noise"] > 24  # acting on the step-50 estimate would have moved the batch at step 51
 
 
 def test_constant_ramp_is_stock_accumulation_on_a_causal_lm(tmp_path) -> None:
@@ -442,6 +466,9 @@ def test_accelerate_loop_follows_the_ramp() -> None:
          "--batch_size_noise_k needs the gradient noise scale.*--batch_size_min of >= 2 micro-batches"),
         (dict(lr_scaling="surge", b_noise=None, lr_scaling_online=True), "both move the LR factor; use one"),
         (dict(auto_find_batch_size=True), "--auto_find_batch_size changes it"),
+        (dict(b_noise_start_step=2), "neither is set: drop it"),
+        (dict(batch_size_schedule=None, batch_size_noise_k=1.0, batch_size_min=16, batch_size_max=64,
+              b_noise_start_step=STEPS), f"--b_noise_start_step {STEPS} is not before --max_steps {STEPS}"),
     ],
 )
 def test_bad_ramp_flags_fail_when_the_arguments_are_built(tmp_path, overrides, message) -> None:

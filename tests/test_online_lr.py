@@ -20,7 +20,7 @@ from hf_lars.integrations.lr_scaling import check_lr_scaling_flags
 from hf_lars.integrations.noise_scale import GradientNoiseScaleCallback
 from hf_lars.integrations.online_lr import LR_FACTOR_KEY, OnlineLrScalingCallback
 from hf_lars.integrations.transformers import LarsTrainer, LarsTrainingArguments
-from hf_lars.scaling.online import OnlineLrFactor
+from hf_lars.scaling.online import OnlineLrFactor, default_start_step
 from hf_lars.schedule import OnlineLrScheduler
 
 
@@ -94,6 +94,35 @@ def test_factor_errors(kwargs: dict[str, Any], message: str) -> None:
         OnlineLrFactor(kwargs.pop("rule"), ref_batch=256, batch=512, **kwargs)
 
 
+def test_factor_waits_for_its_start_step() -> None:
+    """Estimates logged before start_step optimizer steps leave the factor at 1 and are counted; the first one
+    at start_step acts, exactly as a factor without a start acts on it; without ``step`` it refuses."""
+    waiting = OnlineLrFactor("surge", ref_batch=256, batch=2048, b_noise=1000.0, start_step=3)
+    eager = OnlineLrFactor("surge", ref_batch=256, batch=2048, b_noise=1000.0)
+    got = [waiting.update(b, step=t) for t, b in enumerate([9000.0, 8000.0, 7000.0, 300.0, 800.0], start=1)]
+    assert got[:2] == [1.0, 1.0] and (waiting.waited, waiting.updates) == (2, 3)
+    assert got[2:] == [eager.update(7000.0), eager.update(300.0), eager.update(800.0)]
+    assert got[2] != 1.0
+    with pytest.raises(ValueError, match=r"waits until step 3 .*pass update\(b_noise, step="):
+        waiting.update(500.0)
+    resumed = OnlineLrFactor("surge", ref_batch=256, batch=2048, b_noise=1000.0, start_step=3)
+    resumed.load_state_dict(waiting.state_dict())
+    assert resumed.state_dict() == waiting.state_dict()
+    with pytest.raises(ValueError, match=r"start_step: now 0, saved 3"):
+        OnlineLrFactor("surge", ref_batch=256, batch=2048, b_noise=1000.0).load_state_dict(waiting.state_dict())
+    with pytest.raises(ValueError, match="Invalid start_step: -1"):
+        OnlineLrFactor("surge", ref_batch=256, batch=2048, start_step=-1)
+
+
+@pytest.mark.parametrize(
+    "warmup, beta, per, expected",
+    [(0, 0.99, 1, 100), (250, 0.99, 1, 250), (30, 0.9, 1, 30), (0, 0.95, 1, 20), (0, 0.99, 10, 1000), (0, 0.0, 1, 1)],
+)
+def test_default_start_step(warmup: int, beta: float, per: int, expected: int) -> None:
+    """The later of the LR warmup's end and the EMA's window, steps_per_estimate / (1 - beta)."""
+    assert default_start_step(warmup, beta, per) == expected
+
+
 def _sgd_opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
 
@@ -157,7 +186,7 @@ def _online_args(tmp_path: Path, steps: int, **overrides: Any) -> dict[str, Any]
         logging_steps=1, max_grad_norm=0.0, lr_scheduler_type="linear",
     )
     kwargs.update(lr_scaling="surge", lr_scaling_ref_batch=REF_BATCH, lr_scaling_online=True,
-                  lr_scaling_max_factor=8.0)
+                  lr_scaling_max_factor=8.0, b_noise_start_step=0)  # act on the first estimate (tested apart)
     kwargs.update(overrides)
     return kwargs
 
@@ -204,6 +233,64 @@ def test_trainer_lr_follows_the_injected_b_noise(tmp_path, monkeypatch: pytest.M
     noise = next(i for i, cb in enumerate(callbacks) if isinstance(cb, GradientNoiseScaleCallback))
     assert isinstance(callbacks[noise + 1], OnlineLrScalingCallback)
     assert isinstance(trainer.lr_scheduler, OnlineLrScheduler)
+
+
+@pytest.mark.parametrize("warmup, beta, start", [(4, 0.5, 4), (2, 0.8, 5)], ids=["warmup-ends-later",
+                                                                              "noise-window-ends-later"])
+def test_trainer_waits_for_the_default_start(tmp_path, monkeypatch: pytest.MonkeyPatch, warmup: int, beta: float,
+                                             start: int) -> None:
+    """Without --b_noise_start_step the factor ignores the b_noise logged before the later of the LR warmup's
+    end and the noise EMA's window 1/(1 - beta) (the callback given to Trainer), and acts from there on."""
+    steps = 7
+    injected = [20.0, 400.0, 30.0, 300.0, 40.0, 80.0, 500.0]
+    _inject(monkeypatch, injected)
+    args = LarsTrainingArguments(**_online_args(tmp_path, steps, b_noise_start_step=None, warmup_steps=warmup))
+    trainer = LarsTrainer(model=GaussianGradModel(), args=args, train_dataset=GaussianData(steps * 32, seed=3),
+                          callbacks=[GradientNoiseScaleCallback(beta=beta)])
+    trainer.train()
+    assert trainer.lr_scheduler.factor.start_step == start
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    factor, expected_factors, expected_lrs = 1.0, [], []
+    for t, b in enumerate(injected):  # the log after step t + 1
+        schedule = t / warmup if t < warmup else (steps - t) / (steps - warmup)
+        expected_lrs.append(LR * schedule * factor)
+        if t + 1 >= start:
+            factor = min(max(_surge(32, b) / _surge(REF_BATCH, b), 0.25), 8.0)
+        expected_factors.append(factor)
+    assert [row[LR_FACTOR_KEY] for row in logs] == pytest.approx(expected_factors, rel=1e-12)
+    assert expected_factors[start - 2] == 1.0 != expected_factors[start - 1]  # it waited, then acted
+    assert [row["learning_rate"] for row in logs] == pytest.approx(expected_lrs, rel=1e-9)
+    assert trainer.lr_scheduler.factor.waited == start - 1
+
+
+def test_a_start_after_the_run_is_refused_before_training(tmp_path) -> None:
+    """The default start (100 steps of the EMA's window at beta 0.99) on a 6-step run: refused at
+    create_scheduler, naming the start, why, and the flag that fixes it; nothing trained."""
+    args = LarsTrainingArguments(**_online_args(tmp_path, 6, b_noise_start_step=None))
+    trainer = LarsTrainer(model=GaussianGradModel(), args=args, train_dataset=GaussianData(6 * 32, seed=3))
+    with pytest.raises(ValueError, match=r"--lr_scaling_online would never act: .* until optimizer step 100 \(the "
+                                         r"default: .*step 0, and the noise EMA's window, 1/\(1 - beta=0.99\) "
+                                         r"steps\), and the run has 6 steps: pass --b_noise_start_step below 6"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_start_step_under_deepspeed_counts_logging_steps() -> None:
+    """Under DeepSpeed the EMA folds one estimate per logging step: the window is logging_steps x 1/(1-beta)
+    (a fractional logging_steps is a share of the run, as Trainer reads it)."""
+    from types import SimpleNamespace
+
+    from hf_lars.integrations.lr_scaling import b_noise_start_step
+
+    args = SimpleNamespace(b_noise_start_step=None, lr_scaling_online=True, logging_steps=5,
+                           get_warmup_steps=lambda n: 40)
+    assert b_noise_start_step(args, 1000, 0.99) == 100
+    assert b_noise_start_step(args, 1000, 0.99, deepspeed=True) == 500
+    args.logging_steps = 0.01  # 10 steps of a 1000-step run
+    with pytest.raises(ValueError, match=r"until optimizer step 1000 \(.*10 x 1/\(1 - beta=0.99\) steps\)"):
+        b_noise_start_step(args, 1000, 0.99, deepspeed=True)
+    args.b_noise_start_step = 7  # given: taken as is
+    assert b_noise_start_step(args, 1000, 0.99, deepspeed=True) == 7
 
 
 def test_trainer_factor_from_the_real_monitor(tmp_path) -> None:
@@ -267,6 +354,9 @@ def test_trainer_resume_restores_the_factor(tmp_path, monkeypatch: pytest.Monkey
         (dict(lr_scaling="linear"), "only the surge and sgd rules depend on; --lr_scaling linear"),
         (dict(lr_scaling_min_factor=1.5), "--lr_scaling_online: .*min_factor <= 1 <= max_factor"),
         (dict(lr_scaling_smoothing=-0.1), "--lr_scaling_online: Invalid smoothing"),
+        (dict(b_noise_start_step=2), "--b_noise_start_step 2 is not before --max_steps 2: B_noise would never"),
+        (dict(b_noise_start_step=-1), "--b_noise_start_step: Invalid start_step: -1"),
+        (dict(lr_scaling_online=False, b_noise=50.0, b_noise_start_step=1), "neither is set: drop it"),
     ],
 )
 def test_bad_online_flags_fail_when_the_arguments_are_built(tmp_path, overrides, message) -> None:
@@ -350,7 +440,8 @@ def test_deepspeed_zero_follows_b_noise(stage: int, injected: bool) -> None:
 # ------------------------------------------------------------------------------------------ Accelerate
 def test_accelerate_loop_follows_the_monitor() -> None:
     """The loop API: an OnlineLrScheduler through accelerator.prepare (AcceleratedScheduler around it), the
-    monitor's b_noise folded in at each "logging step", and the weights moved by exactly -sum_t lr_t G_t."""
+    monitor's b_noise folded in at each "logging step" from start_step on, and the weights moved by exactly
+    -sum_t lr_t G_t."""
     from accelerate import Accelerator
 
     from hf_lars.integrations.noise_monitor import GradientNoiseScaleMonitor
@@ -360,7 +451,7 @@ def test_accelerate_loop_follows_the_monitor() -> None:
     model = GaussianGradModel()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     online = OnlineLrScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps),
-                               OnlineLrFactor("surge", ref_batch=REF_BATCH, batch=micro * accum))
+                               OnlineLrFactor("surge", ref_batch=REF_BATCH, batch=micro * accum, start_step=2))
     data = GaussianData(steps * accum * micro, seed=9)
     loader = torch.utils.data.DataLoader(data, batch_size=micro)
     model, opt, loader, scheduler = accelerator.prepare(model, opt, loader, online)
@@ -375,9 +466,10 @@ def test_accelerate_loop_follows_the_monitor() -> None:
             scheduler.step()
             opt.zero_grad()
         if accelerator.sync_gradients:
-            factors.append(online.update(monitor.compute().get("b_noise")))
+            factors.append(online.update(monitor.compute().get("b_noise"), step=len(lrs)))
     monitor.detach()
     assert len(lrs) == steps and len(set(round(f, 9) for f in factors)) >= 3
+    assert factors[0] == 1.0 != factors[1]  # the estimate after step 1 waited for start_step=2
     expected_lrs = [LR * (1 - t / steps) * (factors[t - 1] if t else 1.0) for t in range(steps)]
     assert lrs == pytest.approx(expected_lrs, rel=1e-9)
     means = data.x.double().reshape(steps, accum * micro, -1).mean(1)

@@ -76,6 +76,7 @@ _LR_SCALING_FLAGS = {
     "--lr_scaling_min_factor": float,
     "--lr_scaling_max_factor": float,
     "--lr_scaling_smoothing": float,
+    "--b_noise_start_step": int,
     "--batch_size_schedule": str,
     "--batch_size_noise_k": float,
     "--batch_size_min": int,

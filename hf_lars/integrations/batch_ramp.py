@@ -17,7 +17,8 @@ accumulation at 1 and makes each of its "micro-batches" a bundle of the ramp's m
   steps: see :mod:`hf_lars.scaling.ramp`).
 - :class:`BatchRampCallback`: after each optimizer step counts it (``step_done``) and applies the next
   step's LR factor; at each training log adds ``global_batch`` and ``lr_factor`` (of the step just logged) and
-  ``train_samples``; the noise-driven ramp reads the ``b_noise`` the noise callback logged just before it.
+  ``train_samples``; the noise-driven ramp reads the ``b_noise`` the noise callback logged just before it
+  (from ``--b_noise_start_step`` on: see :func:`~hf_lars.integrations.lr_scaling.b_noise_start_step`).
 - The LR: the schedule wrapped in :class:`~hf_lars.schedule.OnlineLrScheduler` with the ramp as its factor, so
   the ramp's state is in the scheduler's ``state_dict`` (``scheduler.pt``) and a resumed run continues it;
   on resume the callback also skips the micro-batches Trainer's own data skip (which counts one per step)
@@ -41,7 +42,8 @@ from transformers import TrainerState
 
 from hf_lars.integrations.callbacks import TrainingLogCallback
 from hf_lars.integrations.deepspeed import set_engine_batch_size
-from hf_lars.integrations.lr_scaling import batch_size_ramp
+from hf_lars.integrations.distributed import sharding_engine
+from hf_lars.integrations.lr_scaling import b_noise_start_step, batch_size_ramp
 from hf_lars.integrations.noise_scale import add_noise_scale_callback
 from hf_lars.integrations.online_lr import LR_FACTOR_KEY
 from hf_lars.scaling.ramp import BatchSizeRamp, count_examples
@@ -135,11 +137,12 @@ def find_batch_ramp(trainer: Any) -> BatchRampCallback | None:
     return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BatchRampCallback)), None)
 
 
-def attach_batch_ramp(trainer: Any, scheduler: Any) -> Any:
+def attach_batch_ramp(trainer: Any, scheduler: Any, num_training_steps: int) -> Any:
     """``scheduler`` wrapped for the ``--batch_size_*`` ramp (set as ``trainer.lr_scheduler``); as is when off.
 
     Called by ``create_scheduler`` (both routes).  The ramp's Trainer methods are :class:`~hf_lars.LarsTrainer`'s,
-    so a plain ``Trainer`` is refused here, before any step.  Idempotent.
+    so a plain ``Trainer`` is refused here, before any step.  The noise-driven ramp waits for
+    :func:`~hf_lars.integrations.lr_scaling.b_noise_start_step`.  Idempotent.
     """
     ramp = batch_size_ramp(trainer.args, trainer.args.world_size)
     if ramp is None or isinstance(scheduler, OnlineLrScheduler):
@@ -149,9 +152,14 @@ def attach_batch_ramp(trainer: Any, scheduler: Any) -> Any:
             f"--batch_size_* needs LarsTrainer (it fetches each step's micro-batches itself); {type(trainer).__name__}"
             " cannot grow its batch: use hf_lars.LarsTrainer (or subclass it)"
         )
+    noise = None
+    if ramp.noise_k is not None:  # it waits for the noise estimate to be worth acting on
+        noise = add_noise_scale_callback(trainer)
+        start = b_noise_start_step(trainer.args, num_training_steps, noise.beta,
+                                   deepspeed=sharding_engine(trainer) == "deepspeed")
+        ramp = batch_size_ramp(trainer.args, trainer.args.world_size, start)
     wrapped = OnlineLrScheduler(scheduler, ramp)
     trainer.lr_scheduler = wrapped
-    noise = add_noise_scale_callback(trainer) if ramp.noise_k is not None else None
     callbacks = trainer.callback_handler.callbacks
     callbacks[:] = [cb for cb in callbacks if not isinstance(cb, BatchRampCallback)]
     callback = BatchRampCallback(wrapped, ramp, engine=lambda: trainer.model_wrapped)

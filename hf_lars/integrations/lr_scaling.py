@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
-from hf_lars.scaling.online import OnlineLrFactor
+from hf_lars.scaling._common import _start_step
+from hf_lars.scaling.online import OnlineLrFactor, default_start_step
 from hf_lars.scaling.ramp import BatchSizeRamp
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "online_lr_factor",
     "batch_size_ramp",
     "ramp_requested",
+    "b_noise_start_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,15 @@ class LrScalingArguments:
         metadata={
             "help": "With --lr_scaling_online: weight of the previous factor in a log-space average, in [0, 1) "
             "(0 follows each logged b_noise at once; b_noise itself is already an EMA)."
+        },
+    )
+    b_noise_start_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --lr_scaling_online or --batch_size_noise_k: the first optimizer step whose measured "
+            "b_noise is acted on (earlier estimates are measured, not used: the first ones average only a few noisy "
+            "steps). Default: the later of the LR warmup's end and the noise EMA's window (100 steps for its beta "
+            "0.99; logging_steps times that under DeepSpeed, which measures once per log). 0 acts on the first."
         },
     )
     batch_size_schedule: str | None = field(
@@ -200,13 +211,14 @@ def _validate(rule: str, ref_batch: Any, b_noise: Any, online: bool = False) -> 
 
 
 def _online_factor(
-    rule: str, ref_batch: Any, batch: Any, b_noise: Any, min_factor: Any, max_factor: Any, smoothing: Any
+    rule: str, ref_batch: Any, batch: Any, b_noise: Any, min_factor: Any, max_factor: Any, smoothing: Any,
+    start_step: int = 0,
 ) -> OnlineLrFactor:
     """The :class:`OnlineLrFactor` of these flags, its errors naming the ``--lr_scaling_*`` flag."""
     try:
         return OnlineLrFactor(
             rule, ref_batch=ref_batch, batch=batch, b_noise=b_noise, min_factor=min_factor,
-            max_factor=max_factor, smoothing=smoothing,
+            max_factor=max_factor, smoothing=smoothing, start_step=start_step,
         )
     except ValueError as err:
         raise ValueError(f"--lr_scaling_online: {err} (set by --lr_scaling_min_factor, --lr_scaling_max_factor, "
@@ -226,8 +238,9 @@ def check_lr_scaling_flags(
     batch_size_noise_k: Any = None,
     batch_size_min: Any = None,
     batch_size_max: Any = None,
+    b_noise_start_step: Any = None,
 ) -> None:
-    """Check the ``--lr_scaling*`` / ``--b_noise`` / ``--batch_size_*`` flags without a run (at launch).
+    """Check the ``--lr_scaling*`` / ``--b_noise*`` / ``--batch_size_*`` flags without a run (at launch).
 
     What needs the run (processes, micro-batch, accumulation) is checked when the arguments are built.
 
@@ -245,6 +258,56 @@ def check_lr_scaling_flags(
         _check_ramp_combination(ramp, lr_scaling_online)
         _ramp(ramp, micro_batch=1, processes=1, rule=rule, ref_batch=lr_scaling_ref_batch, b_noise=b_noise,
               launch_batch=None)
+    _check_start_flag(b_noise_start_step, lr_scaling_online, ramp)
+
+
+def _check_start_flag(value: Any, online: bool, ramp: _RampFlags, max_steps: Any = None) -> None:
+    """``--b_noise_start_step``: a non-negative int, with something that acts on B_noise, before ``max_steps``."""
+    if value is None:
+        return
+    if not online and ramp.noise_k is None:
+        raise ValueError("--b_noise_start_step says when --lr_scaling_online or --batch_size_noise_k start acting on "
+                         "the measured B_noise, and neither is set: drop it (a --batch_size_schedule ignores B_noise)")
+    try:
+        _start_step(value)
+    except ValueError as err:
+        raise ValueError(f"--b_noise_start_step: {err}") from None
+    if isinstance(max_steps, int) and 0 < max_steps <= value:
+        raise ValueError(f"--b_noise_start_step {value} is not before --max_steps {max_steps}: B_noise would never be "
+                         "acted on; lower it, or drop the online switch")
+
+
+def b_noise_start_step(args: Any, num_training_steps: int, beta: float, *, deepspeed: bool = False) -> int:
+    """The first optimizer step whose ``B_noise`` estimate ``--lr_scaling_online`` / ``--batch_size_noise_k`` act on.
+
+    ``--b_noise_start_step`` if given, else :func:`~hf_lars.scaling.online.default_start_step` of the LR warmup
+    (``args.get_warmup_steps(num_training_steps)``) and the noise EMA's ``beta``; under DeepSpeed
+    (``deepspeed``) the EMA folds one estimate per logging step, so its window is ``logging_steps`` times longer.
+
+    Raises:
+        ValueError: a start at or after ``num_training_steps`` (nothing would ever act), naming why and the fix.
+    """
+    explicit = getattr(args, "b_noise_start_step", None)
+    flag = "--lr_scaling_online" if getattr(args, "lr_scaling_online", False) else "--batch_size_noise_k"
+    if explicit is not None:
+        start, why = _start_step(explicit), "--b_noise_start_step"
+    else:
+        warmup = int(args.get_warmup_steps(num_training_steps))
+        per = 1
+        if deepspeed:
+            logging = float(args.logging_steps)
+            per = max(1, math.ceil(logging * num_training_steps) if logging < 1 else int(logging))
+        start = default_start_step(warmup, beta, per)
+        window = f"{per} x " if per > 1 else ""
+        why = (f"the default: the later of the LR warmup's end, step {warmup}, and the noise EMA's window, "
+               f"{window}1/(1 - beta={beta:g}) steps")
+    if start >= num_training_steps:
+        raise ValueError(
+            f"{flag} would never act: it waits for B_noise estimates until optimizer step {start} ({why}), and the "
+            f"run has {num_training_steps} steps: pass --b_noise_start_step below {num_training_steps} to act on "
+            "younger estimates, or train longer"
+        )
+    return start
 
 
 @dataclass(frozen=True)
@@ -301,14 +364,15 @@ def _zero_offload(args: Any) -> bool:
     return str(offload.get("device", "none")).lower() not in ("none", "")
 
 
-def batch_size_ramp(args: Any, world_size: int) -> BatchSizeRamp | None:
+def batch_size_ramp(args: Any, world_size: int, start_step: int = 0) -> BatchSizeRamp | None:
     """The :class:`~hf_lars.scaling.ramp.BatchSizeRamp` the ``--batch_size_*`` flags ask for (``None``: off).
 
     Checks what only the run knows: batches that divide into ``per_device_train_batch_size x world_size``,
     ``--gradient_accumulation_steps`` left at 1 (the ramp sets it), ``--max_steps``, no ZeRO-Offload (its
     buffers follow the accumulation fixed at init), and for the noise-driven ramp a noise source (the
     ``--lr_scaling_online`` check, on the starting batch).  The LR factor is relative to the batch the launch
-    LR was scaled for (``global_batch_size(args, world_size)``).
+    LR was scaled for (``global_batch_size(args, world_size)``).  ``start_step``: the noise-driven ramp's, see
+    :func:`b_noise_start_step`.
     """
     ramp = _RampFlags.of(args)
     if not ramp.requested:
@@ -337,7 +401,7 @@ def batch_size_ramp(args: Any, world_size: int) -> BatchSizeRamp | None:
         ramp, micro_batch=_check_positive_int("per_device_train_batch_size", args.per_device_train_batch_size),
         processes=_check_positive_int("world_size", world_size), rule=rule,
         ref_batch=getattr(args, "lr_scaling_ref_batch", None), b_noise=getattr(args, "b_noise", None),
-        launch_batch=global_batch_size(args, world_size),
+        launch_batch=global_batch_size(args, world_size), start_step=start_step,
     )
     if ramp.noise_k is not None:
         _check_noise_source(args, world_size, flag=flag, accumulation=built.accumulation,
@@ -403,13 +467,16 @@ def _check_noise_source(
         )
 
 
-def online_lr_factor(args: Any, world_size: int) -> OnlineLrFactor | None:
-    """The :class:`OnlineLrFactor` ``--lr_scaling_online`` asks for (``None`` when it is off)."""
+def online_lr_factor(args: Any, world_size: int, start_step: int = 0) -> OnlineLrFactor | None:
+    """The :class:`OnlineLrFactor` ``--lr_scaling_online`` asks for (``None`` when it is off).
+
+    ``start_step``: see :func:`b_noise_start_step` (what the run resolves it to).
+    """
     if not getattr(args, "lr_scaling_online", False):
         return None
     return _online_factor(
         str(args.lr_scaling), args.lr_scaling_ref_batch, global_batch_size(args, world_size), args.b_noise,
-        args.lr_scaling_min_factor, args.lr_scaling_max_factor, args.lr_scaling_smoothing,
+        args.lr_scaling_min_factor, args.lr_scaling_max_factor, args.lr_scaling_smoothing, start_step,
     )
 
 
@@ -446,6 +513,8 @@ def apply_lr_scaling(args: Any, world_size: int) -> float:
         ref_lr = applied["ref_lr"]
     lr = _scaled_lr(rule, ref_lr, ref_batch, batch, b_noise, online)  # checks the rule and its values
     batch_size_ramp(args, world_size)  # the --batch_size_* flags, before any data or model work
+    _check_start_flag(getattr(args, "b_noise_start_step", None), online, _RampFlags.of(args),
+                      int(getattr(args, "max_steps", -1)))
     if online:
         online_lr_factor(args, world_size)  # the bounds and smoothing, likewise
         _check_noise_source(args, world_size)

@@ -30,6 +30,24 @@ def _check_saved_settings(config: dict[str, Any], state: dict[str, Any], what: s
         raise ValueError(f"The checkpoint's {what} other settings ({shown}): {fix}")
 
 
+def _waits_for_start(start_step: int, step: int | None, who: str) -> bool:
+    """Whether an estimate logged after ``step`` optimizer steps comes before ``start_step`` (not acted on)."""
+    if step is None:
+        if start_step:
+            raise ValueError(f"{who} waits until step {start_step} before acting on B_noise: pass update(b_noise, "
+                             "step=<optimizer steps done>)")
+        return False
+    return step < start_step
+
+
+def _start_step(start_step: Any) -> int:
+    """``start_step`` as a non-negative int (``ValueError`` naming it otherwise)."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"Invalid start_step: {start_step!r} (the first optimizer step whose B_noise estimate is "
+                         "acted on: a non-negative integer; 0 acts on the first estimate)")
+    return start_step
+
+
 def _as_positive(value: ArrayLike, name: str) -> tuple[np.ndarray, bool]:
     """``value`` as a float64 array of positive finite numbers, and whether it was a scalar.
 

@@ -16,7 +16,9 @@ Two ways of choosing ``batch(t)``:
   ``target = k x B_noise`` is rounded *down* to a multiple of ``unit``, clamped to ``[min_batch, max_batch]``
   and the batch becomes ``max(batch, target)``: it never shrinks (a smaller batch would undo the noise
   averaging the run already paid for, and the estimate is noisy).  It starts at ``min_batch``.  A
-  non-finite or non-positive estimate changes nothing (``skipped`` counts them).
+  non-finite or non-positive estimate changes nothing (``skipped`` counts them), and neither does one logged
+  before optimizer step ``start_step`` (``waited`` counts them): young estimates are not acted on, as in
+  :mod:`hf_lars.scaling.online` (whose :func:`~hf_lars.scaling.online.default_start_step` Trainer uses).
 
 How progress is counted.  The optimizer step stays the unit of ``max_steps``, of the schedule string's
 steps, of logging/saving and of the LR schedule (Trainer counts those, and a warmup measured in updates is
@@ -37,7 +39,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from hf_lars.scaling._common import _check_saved_settings
+from hf_lars.scaling._common import _check_saved_settings, _start_step
 from hf_lars.scaling._common import _positive_number as _check_positive
 from hf_lars.scaling.laws import B_NOISE_RULES, canonical_rule, scaled_lr
 
@@ -121,6 +123,8 @@ class BatchSizeRamp:
             at ``min_batch``.
         rule, ref_batch, b_noise: the launch's ``--lr_scaling`` rule and its values (``"none"``: factor 1).
         launch_batch: the global batch the launch LR was scaled for (default: the first batch).
+        start_step: noise-driven: estimates logged before this many optimizer steps are not acted on (0: the
+            first is).
 
     Raises:
         ValueError: both or neither of ``schedule`` and ``noise_k``; a batch or bound that is not a multiple
@@ -141,6 +145,7 @@ class BatchSizeRamp:
         ref_batch: float | None = None,
         b_noise: float | None = None,
         launch_batch: float | None = None,
+        start_step: int = 0,
     ) -> None:
         for name, value in (("micro_batch", micro_batch), ("processes", processes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -154,6 +159,9 @@ class BatchSizeRamp:
             if min_batch is not None or max_batch is not None:
                 raise ValueError("min_batch/max_batch bound the noise-driven ramp; a schedule names its batches "
                                  "itself: drop --batch_size_min/--batch_size_max")
+            if start_step:
+                raise ValueError("start_step delays acting on B_noise estimates, which a schedule ignores: drop "
+                                 "--b_noise_start_step, or use --batch_size_noise_k")
             self.schedule = parse_batch_size_schedule(schedule) if isinstance(schedule, str) else tuple(schedule)
             for batch, _ in self.schedule:
                 self._check_multiple("batch size schedule entry", batch)
@@ -177,12 +185,14 @@ class BatchSizeRamp:
         self.ref_batch, self.b_noise_law = ref_batch, b_noise
         self.launch_batch = float(self.min_batch if launch_batch is None else _check_positive("launch_batch",
                                                                                               launch_batch))
+        self.start_step = _start_step(start_step)
         self.step = 0  # optimizer steps done
         self.samples = 0  # examples consumed by them
         self.micro_batches = 0  # per-process micro-batches consumed by them
         self.batch = self.min_batch
         self.b_noise: float | None = None  # the last estimate used (noise-driven)
         self.skipped = 0
+        self.waited = 0  # estimates before start_step
         self.changes: list[tuple[int, int]] = [(0, self.batch)]  # (first step, batch)
 
     def _check_multiple(self, name: str, batch: Any) -> int:
@@ -248,13 +258,17 @@ class BatchSizeRamp:
         self.step += 1
         return self._set(self.batch_at(self.step))
 
-    def update(self, b_noise: float | None) -> float:
+    def update(self, b_noise: float | None, step: int | None = None) -> float:
         """Noise-driven: fold in one ``B_noise`` estimate (effective from the next step); the LR factor.
 
-        A schedule ignores estimates (returns the factor unchanged), so the ramp can stand where an
-        :class:`~hf_lars.scaling.online.OnlineLrFactor` stands.
+        The estimate counts as logged after :attr:`step` optimizer steps (the ramp counts them itself; ``step``
+        is accepted so the ramp can stand where an :class:`~hf_lars.scaling.online.OnlineLrFactor` stands).
+        A schedule ignores estimates (returns the factor unchanged).
         """
         if self.noise_k is None:
+            return self.factor
+        if self.step < self.start_step:
+            self.waited += 1
             return self.factor
         if b_noise is None or isinstance(b_noise, bool) or not math.isfinite(b_noise) or b_noise <= 0:
             self.skipped += 1
@@ -280,13 +294,14 @@ class BatchSizeRamp:
             "unit": self.unit, "schedule": [list(e) for e in self.schedule] if self.schedule else None,
             "noise_k": self.noise_k, "min_batch": self.min_batch, "max_batch": self.max_batch, "rule": self.rule,
             "ref_batch": self.ref_batch, "b_noise_law": self.b_noise_law, "launch_batch": self.launch_batch,
+            "start_step": self.start_step,
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Where the ramp stands (step, samples, micro-batches, batch, last estimate) and its settings."""
         return {**self._config(), "step": self.step, "samples": self.samples, "micro_batches": self.micro_batches,
                 "batch": self.batch, "b_noise": self.b_noise, "skipped": self.skipped,
-                "changes": [list(c) for c in self.changes]}
+                "waited": self.waited, "changes": [list(c) for c in self.changes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; ``ValueError`` if it was saved with other settings."""
@@ -295,7 +310,7 @@ class BatchSizeRamp:
                               "or start a fresh run")
         self.step, self.samples = int(state["step"]), int(state["samples"])
         self.micro_batches, self.batch = int(state["micro_batches"]), int(state["batch"])
-        self.b_noise, self.skipped = state["b_noise"], int(state["skipped"])
+        self.b_noise, self.skipped, self.waited = state["b_noise"], int(state["skipped"]), int(state["waited"])
         self.changes = [(int(s), int(b)) for s, b in state["changes"]]
 
     def __repr__(self) -> str:

@@ -73,6 +73,7 @@ def run(stage: int, world: int, tmp: str, injected: bool) -> dict[str, Any]:
                 optim="sgd", learning_rate=LR, lr_scheduler_type="linear",
             ),
             lr_scaling="surge", lr_scaling_ref_batch=REF_BATCH, lr_scaling_online=True, lr_scaling_max_factor=8.0,
+            b_noise_start_step=0,
         )
         data = GaussianData(STEPS * ACCUM * MICRO * world, seed=31)
         trainer = Trainer(model=GaussianGradModel(), args=args, train_dataset=data, callbacks=[RecordLr()])

@@ -84,4 +84,5 @@ def create_scheduler(
         scheduler = trainer.lr_scheduler
     else:
         scheduler = fallback(num_training_steps, optimizer)
-    return attach_batch_ramp(trainer, attach_online_lr_scaling(trainer, scheduler))
+    online = attach_online_lr_scaling(trainer, scheduler, num_training_steps)
+    return attach_batch_ramp(trainer, online, num_training_steps)
