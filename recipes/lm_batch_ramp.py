@@ -17,8 +17,10 @@ tokens, a 0.1M-parameter ``LlamaForCausalLM`` from random init; ``torch.optim.Ad
 1e-8), weight decay 0.01 on matrices, gradient clipping at 1.0; every run sees the same 6,144 blocks (196,608
 tokens) of a seeded permutation.  The reference is part 2's tuned small-batch run: ``B=16`` at LR ``4e-3``.
 Gradients are accumulated over micro-batches of ``--micro-batch`` blocks (the noise monitor's small batch), so
-every run measures ``B_simple`` (:class:`~hf_lars.integrations.noise_monitor.GradientNoiseScaleMonitor`) at
-every ``--log-every`` optimizer steps; the online factor and the noise-driven ramp move only then.
+every run measures ``B_simple`` (:class:`~hf_lars.integrations.noise_monitor.GradientNoiseScaleMonitor`, EMA
+coefficient ``--noise-beta``) at every ``--log-every`` optimizer steps; the online factor and the noise-driven
+ramp move only then, and only from the default start step on (the later of the LR warmup's end and the EMA's
+window ``1/(1 - beta)``, :func:`hf_lars.scaling.online.default_start_step`, as Trainer's default).
 
 Outputs in ``--out-dir`` (default ``docs/results``): ``lm_batch_ramp_runs.csv`` (every run),
 ``lm_batch_ramp_log.csv`` (per logging step: batch, LR, ``b_noise``, ``lr_factor``, training loss),
@@ -78,16 +80,27 @@ def peak_lr(arm: Arm, batch: int, b_noise: float) -> float:
     return float(scaled_lr(arm.rule, REF_BATCH, REF_LR, batch, b_noise))
 
 
-def make_ramp(arm: Arm, micro_batch: int, b_noise0: float) -> Any:
+def launch_batch(arm: Arm) -> int:
+    """The batch the arm's first step takes."""
+    from hf_lars.scaling.ramp import parse_batch_size_schedule
+
+    if arm.ramp is None:
+        return int(arm.batch)
+    return RAMP_MIN if arm.ramp == "noise" else parse_batch_size_schedule(arm.ramp)[0][0]
+
+
+def make_ramp(arm: Arm, micro_batch: int, b_noise0: float, start_step: int = 0) -> Any:
     """The arm's :class:`~hf_lars.scaling.ramp.BatchSizeRamp` (``None`` for a fixed batch): LR by ``arm.rule``
-    from the reference batch, relative to the batch the ramp starts at."""
+    from the reference batch, relative to the batch the ramp starts at; the noise-driven one acts on estimates
+    from ``start_step`` on."""
     from hf_lars.scaling.ramp import BatchSizeRamp
 
     if arm.ramp is None:
         return None
     law = {"rule": arm.rule, "ref_batch": REF_BATCH, "b_noise": b_noise0}
     if arm.ramp == "noise":
-        return BatchSizeRamp(micro_batch=micro_batch, noise_k=NOISE_K, min_batch=RAMP_MIN, max_batch=RAMP_MAX, **law)
+        return BatchSizeRamp(micro_batch=micro_batch, noise_k=NOISE_K, min_batch=RAMP_MIN, max_batch=RAMP_MAX,
+                             start_step=start_step, **law)
     return BatchSizeRamp(micro_batch=micro_batch, schedule=arm.ramp, **law)
 
 
@@ -100,6 +113,7 @@ def train_arm(
     micro_batch: int,
     log_every: int,
     b_noise0: float,
+    noise_beta: float = 0.95,
     warmup_fraction: float = 0.1,
     power: float = 2.0,
     stop_blocks: int | None = None,
@@ -110,25 +124,31 @@ def train_arm(
     The LR is ``peak x schedule(samples / budget) x factor``: warmup over the first ``warmup_fraction`` of the
     budget's samples, then poly decay to 0 at the budget, the same for every arm (for a fixed batch it is the
     step-based schedule of part 2).  ``factor`` is the online LR factor or the ramp's rule factor (1 otherwise).
-    ``stop_blocks`` ends the run early (the schedule still spans the budget): the pilot.
+    ``stop_blocks`` ends the run early (the schedule still spans the budget): the pilot.  The noise monitor's
+    EMA has coefficient ``noise_beta``; the online factor and the noise-driven ramp act on its estimates from
+    :func:`~hf_lars.scaling.online.default_start_step` on (the later of the warmup's end and the EMA's window),
+    the default Trainer uses.
     """
     from hf_lars.integrations.noise_monitor import GradientNoiseScaleMonitor
-    from hf_lars.scaling.online import OnlineLrFactor
+    from hf_lars.scaling.online import OnlineLrFactor, default_start_step
     from hf_lars.schedule import warmup_poly_factor
 
     model = make_model(data.config, seed)
     model.train()
-    ramp = make_ramp(arm, micro_batch, b_noise0)
-    batch = ramp.batch if ramp is not None else arm.batch
+    warmup_blocks = round(warmup_fraction * budget_blocks)
+    batch = launch_batch(arm)
+    start = default_start_step(math.ceil(warmup_blocks / batch), noise_beta)  # in optimizer steps
+    ramp = make_ramp(arm, micro_batch, b_noise0, start_step=start)
     lr0 = peak_lr(arm, batch, b_noise0)
     opt = build_lm_optimizer(model, "adamw", lr0, 0.01)
-    online = OnlineLrFactor(arm.rule, ref_batch=REF_BATCH, batch=batch, b_noise=b_noise0) if arm.online else None
-    monitor = GradientNoiseScaleMonitor(model, micro_batch_size=micro_batch)
+    online = (OnlineLrFactor(arm.rule, ref_batch=REF_BATCH, batch=batch, b_noise=b_noise0, start_step=start)
+              if arm.online else None)
+    monitor = GradientNoiseScaleMonitor(model, micro_batch_size=micro_batch, beta=noise_beta)
     order = batch_order(data.train.shape[0], budget_blocks, seed)
     seen, step, window = 0, 0, []
     stop = budget_blocks if stop_blocks is None else stop_blocks
     while seen + batch <= stop:
-        mult = warmup_poly_factor(seen, round(warmup_fraction * budget_blocks), budget_blocks, 1.0, power=power)
+        mult = warmup_poly_factor(seen, warmup_blocks, budget_blocks, 1.0, power=power)
         factor = online.factor if online is not None else ramp.factor if ramp is not None else 1.0
         lr = lr0 * mult * factor
         for g in opt.param_groups:
@@ -153,7 +173,7 @@ def train_arm(
         if step % log_every == 0:
             b_noise = monitor.compute().get("b_noise", math.nan)
             if online is not None:
-                online.update(b_noise)
+                online.update(b_noise, step=step)
             if ramp is not None:
                 ramp.update(b_noise)
             if on_log is not None:
@@ -164,7 +184,8 @@ def train_arm(
         if ramp is not None:
             batch = ramp.batch
     monitor.detach()
-    return model, {"steps": step, "tokens": seen * data.train.shape[1]}
+    return model, {"steps": step, "tokens": seen * data.train.shape[1],
+                   "start_step": start if (online is not None or arm.ramp == "noise") else ""}
 
 
 #: The ramps: 16 -> 128 blocks in four phases of 1,536 blocks each (96, 48, 24 and 12 steps: 180 in all), and
@@ -206,7 +227,7 @@ def pilot_b_noise(data: LMData, args: argparse.Namespace) -> float:
     pilot = max(args.budget_blocks // 10, 4 * args.log_every * REF_BATCH)
     estimates: list[float] = []
     train_arm(args.arms_all[0], data, 0, budget_blocks=args.budget_blocks, micro_batch=args.micro_batch,
-              log_every=args.log_every, b_noise0=1.0, stop_blocks=pilot,
+              log_every=args.log_every, b_noise0=1.0, noise_beta=args.noise_beta, stop_blocks=pilot,
               on_log=lambda rec: estimates.append(rec["b_noise"]))
     finite = sorted(v for v in estimates if math.isfinite(v) and v > 0)
     if not finite:
@@ -223,7 +244,8 @@ def run_arms(arms: Sequence[Arm], data: LMData, args: argparse.Namespace) -> tup
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             model, info = train_arm(arm, data, seed, budget_blocks=args.budget_blocks, micro_batch=args.micro_batch,
-                                    log_every=args.log_every, b_noise0=args.b_noise, on_log=logs.append)
+                                    log_every=args.log_every, b_noise0=args.b_noise, noise_beta=args.noise_beta,
+                                    on_log=logs.append)
             ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
             val = eval_loss(model, data.val) if ok else math.nan
             test = eval_loss(model, data.test) if ok else math.nan
@@ -326,13 +348,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8,
                    help="blocks per micro-batch: the noise monitor's small batch (default 8)")
     p.add_argument("--log-every", type=int, default=4, help="optimizer steps between noise estimates (default 4)")
+    p.add_argument("--noise-beta", type=float, default=0.95,
+                   help="the noise monitor's EMA coefficient (default 0.95: a 20-step window, which the 48-step B=128 "
+                   "runs can wait for; 0.99, Trainer's, would outlast them)")
     p.add_argument("--b-noise", type=float, default=None,
                    help="the launch B_noise in blocks (default: measured by a pilot, pilot_b_noise)")
     p.add_argument("--arms", nargs="+", default=None, choices=ARM_NAMES, help="a subset of the arms")
     p.add_argument("--replot", action="store_true", help="redo the table and PNG from the CSVs in --out-dir")
     args = p.parse_args(argv)
     if args.quick:
-        args.budget_blocks, args.seeds, args.micro_batch, args.log_every = 256, 1, 8, 2
+        args.budget_blocks, args.seeds, args.micro_batch, args.log_every, args.noise_beta = 256, 1, 8, 2, 0.5
     args.arms_all = make_arms(QUICK_RAMP_SCHEDULE if args.quick else RAMP_SCHEDULE)
     return args
 

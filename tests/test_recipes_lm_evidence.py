@@ -141,8 +141,9 @@ def test_lm_batch_ramp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     """Issue 15's evidence recipe end to end: every arm spends the same tokens its own way, and each way shows.
 
     The scheduled ramp changes batch at the steps its string names, the noise-driven one never shrinks and stays
-    in its bounds, the online arm moves its LR factor (from the first estimate on) within the default bounds,
-    and a fixed arm keeps factor 1.
+    in its bounds, the online arm moves its LR factor within the default bounds, from the default start step on
+    (quick: beta 0.5, so the later of the warmup's end, step 1 at B=64, and the EMA's window, 2 steps), and a
+    fixed arm keeps factor 1.
     """
     rec = _load("lm_batch_ramp")
     assert rec.main(["--quick", "--out-dir", str(tmp_path)]) == 0
@@ -163,8 +164,10 @@ def test_lm_batch_ramp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     noise = [int(r["batch"]) for r in by_arm["ramp_noise"]]
     assert noise == sorted(noise) and rec.RAMP_MIN <= noise[0] and noise[-1] <= rec.RAMP_MAX
     assert all(b % 8 == 0 for b in noise)  # whole micro-batches
-    factors = [float(r["lr_factor"]) for r in by_arm["b64_online"]]  # the factor each logged step used
-    assert factors[0] == 1.0 and all(0.25 <= f <= 4.0 for f in factors) and any(f != 1.0 for f in factors)
+    online = next(r for r in runs if r["arm"] == "b64_online")
+    assert int(online["start_step"]) == 2
+    factors = {int(r["step"]): float(r["lr_factor"]) for r in by_arm["b64_online"]}  # what each logged step used
+    assert factors[2] == 1.0 != factors[4] and all(0.25 <= f <= 4.0 for f in factors.values())
     assert all(float(r["lr_factor"]) == 1.0 for r in by_arm["b64_surge"])
     _, summary = _rows(tmp_path / "lm_batch_ramp.csv")
     assert [s["arm"] for s in summary] == list(rec.ARM_NAMES)
